@@ -1,0 +1,3 @@
+//! The public-facing side: prompt building (tokenizer and chat template).
+
+pub mod prompt;
