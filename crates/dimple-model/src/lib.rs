@@ -6,8 +6,13 @@
 //! projector), `preprocess` (image bytes to patches).
 
 pub mod config;
+pub mod rope_index;
+pub mod text;
+pub mod weights;
 
 pub use config::{DimpleConfig, VisionConfig};
+pub use rope_index::{RopeIndex, rope_index};
+pub use text::{KvCache, SeqInput, SeqOutput, TextModel, kv_cache_bytes};
 
 /// Errors from loading or running the model.
 #[derive(Debug, thiserror::Error)]

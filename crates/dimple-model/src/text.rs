@@ -1,0 +1,394 @@
+//! The bidirectional decoder: embeddings, M-RoPE, grouped-query attention with q/k/v
+//! biases, SwiGLU MLP, RMSNorm, final norm and an untied `lm_head`.
+//!
+//! One forward call runs several independent sequences: every linear layer works on all
+//! their tokens packed into one matrix, attention runs per sequence against that sequence's
+//! own cached prefix (if any). A sequence's result does not depend on what it shares the
+//! call with.
+
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::weights::{Linear, RmsNorm, get};
+use crate::{DimpleConfig, ModelError, Result};
+
+/// Keys and values of a sequence's cached prefix, per layer, each `[kv_heads, len, head_dim]`
+/// (keys after rotary embedding).
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dims()[1])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Memory held, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes())
+            .sum()
+    }
+}
+
+/// Bytes a prefix cache of `len` positions takes for this configuration and dtype.
+pub fn kv_cache_bytes(cfg: &DimpleConfig, len: usize, dtype: DType) -> usize {
+    2 * cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim() * len * dtype.size_in_bytes()
+}
+
+/// One sequence of a packed forward call.
+pub struct SeqInput<'a> {
+    /// Input embeddings of the new tokens, `[len, hidden]` (images already placed).
+    pub embeds: Tensor,
+    /// Position ids (t, h, w) of the new tokens.
+    pub positions: &'a [[i64; 3]],
+    /// Which keys (cached prefix first, then the new tokens) are real rather than padding.
+    /// `None`: all real. A padded query attends only to itself.
+    pub key_valid: Option<&'a [bool]>,
+    /// Cached keys/values the new tokens attend to, placed before them.
+    pub prefix: Option<&'a KvCache>,
+    /// Return the keys/values of this many leading new tokens as a cache (0: none).
+    pub keep_prefix: usize,
+    /// Rows of the new tokens whose logits are wanted.
+    pub logit_rows: Range<usize>,
+}
+
+/// Result for one sequence.
+pub struct SeqOutput {
+    /// `[rows, vocab]` in f32 for the requested rows (unshifted).
+    pub logits: Tensor,
+    pub cache: Option<KvCache>,
+}
+
+struct Rope {
+    inv_freq: Vec<f32>,
+    /// For each of the head_dim/2 frequencies, which position component (t, h, w) drives it.
+    component: Vec<usize>,
+}
+
+impl Rope {
+    fn new(cfg: &DimpleConfig) -> Self {
+        let hd = cfg.head_dim();
+        let base = cfg.rope_theta as f32;
+        let inv_freq: Vec<f32> = (0..hd / 2).map(|k| 1.0 / base.powf((2 * k) as f32 / hd as f32)).collect();
+        let mut component = Vec::with_capacity(hd / 2);
+        for (c, &n) in cfg.mrope_section().iter().enumerate() {
+            component.extend(std::iter::repeat_n(c, n));
+        }
+        Self { inv_freq, component }
+    }
+
+    /// cos and sin, `[len, head_dim/2]` each (the second half of a rotary row repeats the first).
+    fn tables(&self, positions: &[[i64; 3]], device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
+            for j in 0..half {
+                let angle = p[self.component[j]] as f32 * self.inv_freq[j];
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (positions.len(), half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (positions.len(), half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
+        self.down.forward(&(g * self.up.forward(xs)?)?)
+    }
+}
+
+struct Layer {
+    attn: Attention,
+    mlp: Mlp,
+    input_norm: RmsNorm,
+    post_norm: RmsNorm,
+}
+
+/// The language model of Dimple.
+pub struct TextModel {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    cfg: DimpleConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl TextModel {
+    /// `vb` is the checkpoint root (names `model.*` and `lm_head.*`).
+    pub fn new(cfg: &DimpleConfig, vb: &VarBuilder) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let m = vb.pp("model");
+        let embed = get(&m.pp("embed_tokens"), (cfg.vocab_size, h), "weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp("layers").pp(i);
+            let a = l.pp("self_attn");
+            let p = l.pp("mlp");
+            layers.push(Layer {
+                attn: Attention {
+                    q: Linear::load(&a.pp("q_proj"), h, nh * hd, true)?,
+                    k: Linear::load(&a.pp("k_proj"), h, nkv * hd, true)?,
+                    v: Linear::load(&a.pp("v_proj"), h, nkv * hd, true)?,
+                    o: Linear::load(&a.pp("o_proj"), nh * hd, h, false)?,
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                },
+                mlp: Mlp {
+                    gate: Linear::load(&p.pp("gate_proj"), h, cfg.intermediate_size, false)?,
+                    up: Linear::load(&p.pp("up_proj"), h, cfg.intermediate_size, false)?,
+                    down: Linear::load(&p.pp("down_proj"), cfg.intermediate_size, h, false)?,
+                },
+                input_norm: RmsNorm::load(&l.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
+                post_norm: RmsNorm::load(&l.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
+            });
+        }
+        let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::from_parts(embed.clone(), None)
+        } else {
+            Linear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false)?
+        };
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg),
+            cfg: cfg.clone(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    pub fn config(&self) -> &DimpleConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Rotary inverse frequencies (for checks against the reference).
+    pub fn rope_inv_freq(&self) -> &[f32] {
+        &self.rope.inv_freq
+    }
+
+    /// cos and sin of the full rotary row (`head_dim` values) that position component
+    /// `component` (0 = t, 1 = h, 2 = w) alone would give, before the M-RoPE section
+    /// selection: the reference's intermediate, exposed for checks.
+    pub fn rope_component_tables(&self, positions: &[[i64; 3]], component: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.rope.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * 2 * half);
+        let mut sin = Vec::with_capacity(positions.len() * 2 * half);
+        for p in positions {
+            for d in 0..2 * half {
+                let angle = p[component] as f32 * self.rope.inv_freq[d % half];
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Token embeddings `[len, hidden]`; ids outside the vocabulary are an error.
+    pub fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary (vocab_size {})",
+                self.cfg.vocab_size
+            )));
+        }
+        let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(self.embed.index_select(&idx, 0)?)
+    }
+
+    /// Runs the packed forward pass. With `trace`, the hidden states after the embeddings,
+    /// after each layer but the last, and after the final norm are pushed (packed rows).
+    pub fn forward(&self, seqs: &[SeqInput<'_>], mut trace: Option<&mut Vec<Tensor>>) -> Result<Vec<SeqOutput>> {
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut lens = Vec::with_capacity(seqs.len());
+        let mut all_pos = Vec::new();
+        for (n, s) in seqs.iter().enumerate() {
+            let (len, h) = s.embeds.dims2()?;
+            if h != self.cfg.hidden_size || len != s.positions.len() || len == 0 {
+                return Err(ModelError::Input(format!(
+                    "sequence {n}: embeds {:?} with {} positions (hidden {})",
+                    s.embeds.dims(),
+                    s.positions.len(),
+                    self.cfg.hidden_size
+                )));
+            }
+            let prefix = s.prefix.map_or(0, KvCache::len);
+            if let Some(kv) = s.key_valid {
+                if kv.len() != prefix + len {
+                    return Err(ModelError::Input(format!(
+                        "sequence {n}: key mask has {} entries, expected {}",
+                        kv.len(),
+                        prefix + len
+                    )));
+                }
+            }
+            if s.logit_rows.end > len || s.keep_prefix > len {
+                return Err(ModelError::Input(format!("sequence {n}: logit rows or kept prefix beyond {len} tokens")));
+            }
+            if let Some(p) = s.prefix {
+                if p.layers.len() != self.layers.len() {
+                    return Err(ModelError::Input(format!("sequence {n}: cache has {} layers", p.layers.len())));
+                }
+            }
+            lens.push(len);
+            all_pos.extend_from_slice(s.positions);
+        }
+        let embeds: Vec<Tensor> = seqs.iter().map(|s| s.embeds.to_dtype(self.dtype)).collect::<candle_core::Result<_>>()?;
+        let mut xs = Tensor::cat(&embeds, 0)?;
+        let (cos, sin) = self.rope.tables(&all_pos, &self.device, self.dtype)?;
+        let masks = seqs.iter().map(|s| self.attention_mask(s)).collect::<Result<Vec<_>>>()?;
+        let mut caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
+
+        if let Some(t) = trace.as_deref_mut() {
+            t.push(xs.clone());
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            let h = layer.input_norm.forward(&xs)?;
+            let total = h.dims()[0];
+            let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
+                Ok(lin.forward(&h)?.reshape((total, n, a.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+            };
+            let q = candle_nn::rotary_emb::rope(&heads(&a.q, a.heads)?, &cos, &sin)?.squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope(&heads(&a.k, a.kv_heads)?, &cos, &sin)?.squeeze(0)?;
+            let v = heads(&a.v, a.kv_heads)?.squeeze(0)?;
+            let mut outs = Vec::with_capacity(seqs.len());
+            let mut off = 0;
+            for (n, s) in seqs.iter().enumerate() {
+                let len = lens[n];
+                let qs = q.narrow(1, off, len)?;
+                let mut ks = k.narrow(1, off, len)?;
+                let mut vs = v.narrow(1, off, len)?;
+                if s.keep_prefix > 0 {
+                    caches[n].push((
+                        ks.narrow(1, 0, s.keep_prefix)?.contiguous()?,
+                        vs.narrow(1, 0, s.keep_prefix)?.contiguous()?,
+                    ));
+                }
+                if let Some(p) = s.prefix {
+                    let (pk, pv) = &p.layers[li];
+                    ks = Tensor::cat(&[pk, &ks], 1)?;
+                    vs = Tensor::cat(&[pv, &vs], 1)?;
+                }
+                outs.push(self.attend(a, &qs, &ks, &vs, masks[n].as_ref())?);
+                off += len;
+            }
+            let attn = a.o.forward(&Tensor::cat(&outs, 0)?)?;
+            xs = (xs + attn)?;
+            let mlp = layer.mlp.forward(&layer.post_norm.forward(&xs)?)?;
+            xs = (xs + mlp)?;
+            if li + 1 < self.layers.len() {
+                if let Some(t) = trace.as_deref_mut() {
+                    t.push(xs.clone());
+                }
+            }
+        }
+        let xs = self.norm.forward(&xs)?;
+        if let Some(t) = trace.as_deref_mut() {
+            t.push(xs.clone());
+        }
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for (n, s) in seqs.iter().enumerate() {
+            rows.push(xs.narrow(0, off + s.logit_rows.start, s.logit_rows.len())?);
+            off += lens[n];
+        }
+        let logits = self.lm_head.forward(&Tensor::cat(&rows, 0)?)?.to_dtype(DType::F32)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for (n, s) in seqs.iter().enumerate() {
+            let r = s.logit_rows.len();
+            let cache = (s.keep_prefix > 0).then(|| KvCache { layers: std::mem::take(&mut caches[n]) });
+            out.push(SeqOutput { logits: logits.narrow(0, off, r)?, cache });
+            off += r;
+        }
+        Ok(out)
+    }
+
+    /// Additive mask `[len, keys]` for a sequence with padding, `None` when all keys are real.
+    fn attention_mask(&self, s: &SeqInput<'_>) -> Result<Option<Tensor>> {
+        let Some(valid) = s.key_valid else { return Ok(None) };
+        if valid.iter().all(|&v| v) {
+            return Ok(None);
+        }
+        let prefix = s.prefix.map_or(0, KvCache::len);
+        let len = s.positions.len();
+        let keys = valid.len();
+        let mut m = vec![0f32; len * keys];
+        for i in 0..len {
+            let qi = valid[prefix + i];
+            for j in 0..keys {
+                let allowed = (qi && valid[j]) || j == prefix + i;
+                if !allowed {
+                    m[i * keys + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (len, keys), &self.device)?))
+    }
+
+    /// Attention of `q [heads, len, hd]` over `k, v [kv_heads, keys, hd]`; returns `[len, heads*hd]`.
+    fn attend(&self, a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (_, len, hd) = q.dims3()?;
+        let keys = k.dims()[1];
+        let group = a.heads / a.kv_heads;
+        // Query heads h use kv head h / group: fold each group into the row dimension.
+        let qg = q.reshape((a.kv_heads, group * len, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut scores = (qg.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+        if let Some(m) = mask {
+            scores = scores.reshape((a.kv_heads, group, len, keys))?.broadcast_add(m)?.reshape((a.kv_heads, group * len, keys))?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v.contiguous()?)?; // [kv_heads, group*len, hd]
+        Ok(out.reshape((a.heads, len, hd))?.transpose(0, 1)?.reshape((len, a.heads * hd))?)
+    }
+}

@@ -1,0 +1,116 @@
+//! Checkpoint loading: one `model.safetensors` or a sharded set listed by
+//! `model.safetensors.index.json`, memory-mapped, converted to the dtype chosen at load.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::{ModelError, Result};
+
+/// The safetensors files of a checkpoint directory, in a stable order.
+pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| ModelError::Io(format!("{}: {e}", index.display())))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Weights(format!("{}: {e}", index.display())))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Weights(format!("{}: no `weight_map` object", index.display())))?;
+        let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        if shards.is_empty() {
+            return Err(ModelError::Weights(format!("{}: empty `weight_map`", index.display())));
+        }
+        let files: Vec<PathBuf> = shards.into_iter().map(|s| dir.join(s)).collect();
+        if let Some(missing) = files.iter().find(|f| !f.exists()) {
+            return Err(ModelError::Weights(format!("shard {} listed in the index is missing", missing.display())));
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(ModelError::Weights(format!(
+        "{}: neither model.safetensors nor model.safetensors.index.json found",
+        dir.display()
+    )))
+}
+
+/// A memory-mapped variable store over the checkpoint's files.
+pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    // SAFETY: the files are mapped read-only; the checkpoint must not be modified while the
+    // model is loaded, which is the same contract every safetensors loader has.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+        .map_err(|e| ModelError::Weights(e.to_string()))?;
+    Ok(vb)
+}
+
+/// Fetches a tensor by its checkpoint name, turning a missing or mis-shaped tensor into an
+/// error that names it.
+pub fn get<S: Into<Shape>>(vb: &VarBuilder, shape: S, name: &str) -> Result<Tensor> {
+    let shape: Shape = shape.into();
+    let full = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
+    if !vb.contains_tensor(name) {
+        return Err(ModelError::Weights(format!("missing tensor `{full}` (expected shape {shape:?})")));
+    }
+    vb.get(shape.clone(), name)
+        .map_err(|e| ModelError::Weights(format!("tensor `{full}` (expected shape {shape:?}): {e}")))
+}
+
+/// A linear layer `y = x W^T (+ b)` with weights named like the checkpoint.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = get(vb, (out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(get(vb, out_dim, "bias")?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// `xs` is `[rows, in]`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = xs.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => ys.broadcast_add(b)?,
+            None => ys,
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+/// Root-mean-square norm computed in f32, as the reference does, then cast back.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: get(vb, dim, "weight")?, eps })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dtype = xs.dtype();
+        let x = xs.to_dtype(DType::F32)?;
+        let var = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+        let x = x.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
+        Ok(x.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}

@@ -1,0 +1,123 @@
+//! Text forward passes against the reference: position ids, embeddings, rotary tables,
+//! hidden states and logits, for a single sequence and a left-padded batch.
+
+mod common;
+
+use common::*;
+use dimple_model::{SeqInput, rope_index};
+
+fn check_case(case: &str) {
+    let t = load_case(case);
+    let cfg = config();
+    let model = text_model();
+    let ids_t = &t["input_ids"];
+    let (b, l) = ids_t.dims2().unwrap();
+    let ids_all = to_i64(ids_t);
+    let mask_all = to_i64(&t["attention_mask"]);
+    let pos_ref = to_i64(&t["position_ids"]); // [3, B, L]
+    let deltas_ref = to_i64(&t["rope_deltas"]);
+
+    assert_eq!(model.rope_inv_freq(), to_f32(&t["rope_inv_freq"]).as_slice(), "rope_inv_freq bit-exact");
+
+    let mut inputs = Vec::new();
+    for row in 0..b {
+        let ids: Vec<u32> = ids_all[row * l..(row + 1) * l].iter().map(|&x| x as u32).collect();
+        let valid: Vec<bool> = mask_all[row * l..(row + 1) * l].iter().map(|&m| m != 0).collect();
+        let ri = rope_index(&ids, Some(&valid), &[], &cfg).unwrap();
+        for c in 0..3 {
+            let want = &pos_ref[(c * b + row) * l..(c * b + row + 1) * l];
+            let got: Vec<i64> = ri.positions.iter().map(|p| p[c]).collect();
+            assert_eq!(got, want, "{case} row {row} position component {c}");
+            let (cos, sin) = model.rope_component_tables(&ri.positions, c);
+            let hd = cfg.head_dim();
+            let cos_ref = to_f32(&t["rope_cos"].get(c).unwrap().get(row).unwrap());
+            let sin_ref = to_f32(&t["rope_sin"].get(c).unwrap().get(row).unwrap());
+            assert_eq!(cos.len(), l * hd);
+            assert_close(&format!("{case} rope_cos[{c},{row}]"), &cos, &cos_ref);
+            assert_close(&format!("{case} rope_sin[{c},{row}]"), &sin, &sin_ref);
+        }
+        assert_eq!(ri.delta, deltas_ref[row], "{case} row {row} rope delta");
+        let embeds = model.embed_tokens(&ids).unwrap();
+        let want = to_f32(&t["inputs_embeds"].get(row).unwrap());
+        assert_close(&format!("{case} inputs_embeds[{row}]"), &to_f32(&embeds), &want);
+        inputs.push((embeds, ri.positions, valid));
+    }
+
+    // All rows in one packed call: each attends only within itself.
+    let seqs: Vec<SeqInput> = inputs
+        .iter()
+        .map(|(e, p, v)| SeqInput {
+            embeds: e.clone(),
+            positions: p,
+            key_valid: Some(v),
+            prefix: None,
+            keep_prefix: 0,
+            logit_rows: 0..l,
+        })
+        .collect();
+    let mut trace = Vec::new();
+    let out = model.forward(&seqs, Some(&mut trace)).unwrap();
+    assert_eq!(trace.len(), 3, "embeddings, layer 0, final norm");
+    for row in 0..b {
+        for (k, h) in trace.iter().enumerate() {
+            let got = to_f32(&h.narrow(0, row * l, l).unwrap());
+            let want = to_f32(&t[&format!("hidden_states.{k}")].get(row).unwrap());
+            // Padded positions are compared too: a pad attends only to itself.
+            assert_close(&format!("{case} hidden_states.{k}[{row}]"), &got, &want);
+        }
+        let want = to_f32(&t["logits"].get(row).unwrap());
+        assert_eq!(out[row].logits.dims(), &[l, cfg.vocab_size]);
+        assert_close(&format!("{case} logits[{row}]"), &to_f32(&out[row].logits), &want);
+    }
+}
+
+#[test]
+fn forward_text_matches_reference() {
+    check_case("forward_text");
+}
+
+#[test]
+fn forward_text_batch_matches_reference() {
+    check_case("forward_text_batch");
+}
+
+/// The cached-prefix entry point: running the prompt once, keeping its K/V, then running
+/// only the tail against that cache gives the same logits as the full sequence (the
+/// response tokens are unchanged here, so nothing is stale).
+#[test]
+fn cached_prefix_window_equals_full_sequence() {
+    let t = load_case("forward_text");
+    let cfg = config();
+    let model = text_model();
+    let ids: Vec<u32> = to_i64(&t["input_ids"]).iter().map(|&x| x as u32).collect();
+    let l = ids.len();
+    let ri = rope_index(&ids, None, &[], &cfg).unwrap();
+    let embeds = model.embed_tokens(&ids).unwrap();
+    let p = 20 - 1; // prompt length 20, keep all but its last token
+    let full = model
+        .forward(
+            &[SeqInput { embeds: embeds.clone(), positions: &ri.positions, key_valid: None, prefix: None, keep_prefix: p, logit_rows: 0..l }],
+            None,
+        )
+        .unwrap();
+    let cache = full[0].cache.as_ref().expect("cache kept");
+    assert_eq!(cache.len(), p);
+    assert_eq!(cache.bytes(), dimple_model::kv_cache_bytes(&cfg, p, candle_core::DType::F32));
+    let window = model
+        .forward(
+            &[SeqInput {
+                embeds: embeds.narrow(0, p, l - p).unwrap(),
+                positions: &ri.positions[p..],
+                key_valid: None,
+                prefix: Some(cache),
+                keep_prefix: 0,
+                logit_rows: 0..l - p,
+            }],
+            None,
+        )
+        .unwrap();
+    let want = to_f32(&full[0].logits.narrow(0, p, l - p).unwrap());
+    assert_close("window logits", &to_f32(&window[0].logits), &want);
+    let reference = to_f32(&t["logits"].get(0).unwrap().narrow(0, p, l - p).unwrap());
+    assert_close("window logits vs reference", &to_f32(&window[0].logits), &reference);
+}
