@@ -6,11 +6,15 @@
 //! projector), `preprocess` (image bytes to patches).
 
 pub mod config;
+pub mod model;
+pub mod preprocess;
 pub mod rope_index;
 pub mod text;
+pub mod vision;
 pub mod weights;
 
 pub use config::{DimpleConfig, VisionConfig};
+pub use model::DimpleModel;
 pub use rope_index::{RopeIndex, rope_index};
 pub use text::{KvCache, SeqInput, SeqOutput, TextModel, kv_cache_bytes};
 
@@ -32,6 +36,3 @@ pub enum ModelError {
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
-
-pub mod preprocess;
-pub mod vision;

@@ -252,3 +252,34 @@ fn mismatched_grid_is_an_input_error() {
     let err = model.vision.forward(&narrow, &grids).unwrap_err();
     assert!(matches!(err, ModelError::Input(_)), "got {err:?}");
 }
+
+#[test]
+fn half_precision_tracks_f32_reference() {
+    // The same weights in bf16/f16 (norms, rotary and softmax still in f32 internally) stay
+    // close to the f32 reference; a dtype mix-up would fail to run or drift far.
+    let cfg = DimpleConfig::from_file(&golden("config.json")).unwrap();
+    let want = load_tensors("forward_image2.safetensors");
+    let (pixels, grids) = case_inputs("forward_image2");
+    // Tolerances: bf16 keeps 8 mantissa bits, f16 11; activations reach about 100.
+    for (dtype, tol) in [(DType::BF16, 1e-1), (DType::F16, 2e-2)] {
+        // SAFETY: the fixture file is read-only test data that nothing modifies while mapped.
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[golden("model.safetensors")], dtype, &Device::Cpu)
+                .unwrap()
+        };
+        let vision = VisionModel::new(&cfg.vision_config, vb.pp("visual")).unwrap();
+        let out = vision.forward(&pixels, &grids).unwrap();
+        assert_eq!(out.dtype(), dtype);
+        let got = out.to_dtype(DType::F32).unwrap();
+        let diff = (got - &want["vision.output"])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        let scale = want["vision.output"].abs().unwrap().max_all().unwrap();
+        let rel = diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+        println!("{dtype:?} output: worst relative error {rel:.3e}");
+        assert!(rel < tol, "{dtype:?}: relative error {rel:.3e}");
+    }
+}

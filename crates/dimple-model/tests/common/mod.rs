@@ -55,3 +55,22 @@ pub fn assert_close(name: &str, got: &[f32], want: &[f32]) {
         want[at]
     );
 }
+
+/// The golden checkpoint as a whole model.
+pub fn full_model() -> dimple_model::DimpleModel {
+    dimple_model::DimpleModel::load(&golden(""), DType::F32, &Device::Cpu).expect("golden model loads")
+}
+
+/// Pixel values and grids of the default-preprocessed golden images `ks` (1-based), rows
+/// concatenated in order, as the reference processor returns them.
+pub fn golden_pixels(ks: &[usize]) -> (Tensor, Vec<[usize; 3]>) {
+    let pre = load_case("preproc_default");
+    let mut rows = Vec::new();
+    let mut grids = Vec::new();
+    for k in ks {
+        rows.push(pre[&format!("image{k}.pixel_values")].clone());
+        let g = to_i64(&pre[&format!("image{k}.image_grid_thw")]);
+        grids.push([g[0] as usize, g[1] as usize, g[2] as usize]);
+    }
+    (Tensor::cat(&rows, 0).unwrap(), grids)
+}
