@@ -1,4 +1,17 @@
-//! The diffusion decoding engine: per-request unmasking policies, sequences and their
-//! state, the step scheduler, the prefix-cache pool and the engine loop.
+//! The diffusion decoding engine: per-request unmasking policies (`policy`), sequences and
+//! their state (`sequence`), the prefix-cache pool (`pool`), the engine loop and its handle
+//! (`engine`), and the events a request's owner receives (`events`).
+//!
+//! Every request decodes exactly as the official implementation decodes it alone; batching
+//! changes throughput, never results.
 
+pub mod engine;
+pub mod error;
+pub mod events;
 pub mod policy;
+pub mod pool;
+pub mod sequence;
+
+pub use engine::{EngineConfig, EngineHandle, EngineImage, EngineStats, GenerateRequest, StepReport, start};
+pub use error::EngineError;
+pub use events::{EngineEvent, Finished, Timings};
