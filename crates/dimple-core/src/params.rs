@@ -48,9 +48,7 @@ pub enum ParamError {
     },
     #[error("`prior` fixes response position {position} more than once")]
     PriorDuplicatePosition { position: usize },
-    #[error(
-        "`prior` fixes all {max_new_tokens} response positions; at least one must stay masked"
-    )]
+    #[error("`prior` fixes all {max_new_tokens} response positions; at least one must stay masked")]
     PriorCoversResponse { max_new_tokens: usize },
 }
 
@@ -314,11 +312,11 @@ impl DecodeParams {
                 self.steps,
             ));
         }
-        if let Some(t) = self.threshold {
-            // `!(..)` so that NaN is rejected too.
-            if !(0.0..1.0).contains(&t) {
-                return Err(out_of_range("threshold", "in [0, 1)", t));
-            }
+        // Negated range tests so that NaN is rejected too.
+        if let Some(t) = self.threshold
+            && !(0.0..1.0).contains(&t)
+        {
+            return Err(out_of_range("threshold", "in [0, 1)", t));
         }
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(out_of_range(
@@ -327,18 +325,18 @@ impl DecodeParams {
                 self.temperature,
             ));
         }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(out_of_range("top_p", "in (0, 1]", p));
-            }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(out_of_range("top_p", "in (0, 1]", p));
         }
         if self.top_k == Some(0) {
             return Err(out_of_range("top_k", ">= 1", 0));
         }
-        if let Some(a) = self.alg_temp {
-            if !(a.is_finite() && a >= 0.0) {
-                return Err(out_of_range("alg_temp", "a finite number >= 0", a));
-            }
+        if let Some(a) = self.alg_temp
+            && !(a.is_finite() && a >= 0.0)
+        {
+            return Err(out_of_range("alg_temp", "a finite number >= 0", a));
         }
         if self.pipeline == Pipeline::Dream {
             if self.effective_threshold().is_some() {
@@ -473,12 +471,18 @@ mod tests {
             temperature: -1.0,
             ..base.clone()
         };
-        assert_eq!(err(&p), "`temperature` must be a finite number >= 0, got -1");
+        assert_eq!(
+            err(&p),
+            "`temperature` must be a finite number >= 0, got -1"
+        );
         let p = DecodeParams {
             temperature: f32::INFINITY,
             ..base.clone()
         };
-        assert_eq!(err(&p), "`temperature` must be a finite number >= 0, got inf");
+        assert_eq!(
+            err(&p),
+            "`temperature` must be a finite number >= 0, got inf"
+        );
         let p = DecodeParams {
             top_p: Some(0.0),
             ..base.clone()

@@ -40,10 +40,11 @@ pub enum PolicyError {
     EmptyLogits,
     #[error("`step` must be < `steps` ({steps}), got {step}")]
     StepOutOfRange { step: usize, steps: usize },
-    #[error(
-        "`num_total_mask` ({num_total_mask}) must be >= the number of masked slots ({masked})"
-    )]
-    MaskCountMismatch { num_total_mask: usize, masked: usize },
+    #[error("`num_total_mask` ({num_total_mask}) must be >= the number of masked slots ({masked})")]
+    MaskCountMismatch {
+        num_total_mask: usize,
+        masked: usize,
+    },
     #[error("step {step} of the dim pipeline got no masked slot; the loop should have stopped")]
     NoMaskedSlots { step: usize },
 }
@@ -58,7 +59,8 @@ pub fn timesteps(steps: usize) -> Vec<f32> {
         return vec![start];
     }
     let d = (end - start) / steps as f32;
-    let half = (steps + 1) / 2;
+    // (steps + 1) / 2 in torch's integer arithmetic.
+    let half = steps.div_ceil(2);
     (0..=steps)
         .map(|i| {
             if i < half {
@@ -497,9 +499,7 @@ impl Policy {
         }
         let sched = self.fallback_schedule(step, n, num_total_mask);
         let mut commit = match self.alg {
-            Alg::MaskgitPlus | Alg::TopkMargin | Alg::Entropy => {
-                self.select_k(slots, sched.k, rng)
-            }
+            Alg::MaskgitPlus | Alg::TopkMargin | Alg::Entropy => self.select_k(slots, sched.k, rng),
             // The leftmost masked slot; the schedule's k is ignored, as officially.
             Alg::Autoregressive => vec![0],
             Alg::Origin => rand::seq::index::sample(rng, n, sched.k).into_vec(),
@@ -713,7 +713,11 @@ mod tests {
         let s = conf(Alg::MaskgitPlus, top_p);
         assert_eq!(s.x0, 2);
         assert!(close(s.confidence, 2.0 / 3.0, 1e-6));
-        assert!(close(conf(Alg::TopkMargin, top_p).confidence, 1.0 / 3.0, 1e-6));
+        assert!(close(
+            conf(Alg::TopkMargin, top_p).confidence,
+            1.0 / 3.0,
+            1e-6
+        ));
         let h = 2.0 / 3.0 * (2.0f64 / 3.0).ln() + 1.0 / 3.0 * (1.0f64 / 3.0).ln();
         assert!(close(conf(Alg::Entropy, top_p).confidence, h, 1e-6));
         // The same kept set through top_k.
@@ -736,11 +740,13 @@ mod tests {
         let s = orig.score(&row(), &mut request_rng(0)).unwrap();
         assert!(close(s.confidence, 0.5, 1e-6));
         // top_p >= 1 is a no-op, as officially.
-        assert!(scorer(Alg::MaskgitPlus, |p| {
-            p.top_p = Some(1.0);
-            p.use_original_confidence = false;
-        })
-        .is_greedy());
+        assert!(
+            scorer(Alg::MaskgitPlus, |p| {
+                p.top_p = Some(1.0);
+                p.use_original_confidence = false;
+            })
+            .is_greedy()
+        );
     }
 
     #[test]
@@ -762,11 +768,19 @@ mod tests {
                 let i = s.x0 as usize;
                 counts[i] += 1;
                 let want = if use_orig { orig[i] } else { tempered[i] };
-                assert!(close(s.confidence, want, 1e-6), "{} vs {want}", s.confidence);
+                assert!(
+                    close(s.confidence, want, 1e-6),
+                    "{} vs {want}",
+                    s.confidence
+                );
             }
             for i in 0..4 {
                 let freq = counts[i] as f64 / draws as f64;
-                assert!((freq - tempered[i]).abs() < 0.02, "{i}: {freq} vs {}", tempered[i]);
+                assert!(
+                    (freq - tempered[i]).abs() < 0.02,
+                    "{i}: {freq} vs {}",
+                    tempered[i]
+                );
             }
         }
         // Sampling never leaves the top-k set.
@@ -786,7 +800,9 @@ mod tests {
         let sc = scorer(Alg::MaskgitPlus, |p| p.temperature = 1.0);
         let draw = |seed: u64| -> Vec<SlotScore> {
             let mut rng = request_rng(seed);
-            (0..64).map(|_| sc.score(&row(), &mut rng).unwrap()).collect()
+            (0..64)
+                .map(|_| sc.score(&row(), &mut rng).unwrap())
+                .collect()
         };
         assert_eq!(draw(42), draw(42));
         assert_ne!(draw(42), draw(43));
@@ -795,7 +811,10 @@ mod tests {
     #[test]
     fn empty_row_is_an_error() {
         let sc = scorer(Alg::MaskgitPlus, |_| {});
-        assert_eq!(sc.score(&[], &mut request_rng(0)), Err(PolicyError::EmptyLogits));
+        assert_eq!(
+            sc.score(&[], &mut request_rng(0)),
+            Err(PolicyError::EmptyLogits)
+        );
     }
 
     fn slots(confs: &[f32]) -> Vec<SlotScore> {
@@ -822,16 +841,22 @@ mod tests {
             p.threshold = Some(0.5);
         });
         let mut rng = request_rng(0);
-        let d = pol.decide(0, 3, &slots(&[0.5, 0.7, 0.2]), &mut rng).unwrap();
+        let d = pol
+            .decide(0, 3, &slots(&[0.5, 0.7, 0.2]), &mut rng)
+            .unwrap();
         assert_eq!((d.commit, d.path), (vec![1], DecisionPath::Threshold));
-        let d = pol.decide(3, 3, &slots(&[0.1, 0.2, 0.3]), &mut rng).unwrap();
+        let d = pol
+            .decide(3, 3, &slots(&[0.1, 0.2, 0.3]), &mut rng)
+            .unwrap();
         assert_eq!(
             (d.commit, d.path),
             (vec![0, 1, 2], DecisionPath::ThresholdLastStepAll)
         );
         // Nothing above the threshold: the schedule, worked by hand on linspace(1, .001, 5):
         // ratio 1; s = 0.75025 gives trunc(3 * 0.24975) = 0; s = 0.5005 gives 1.
-        let d = pol.decide(0, 3, &slots(&[0.3, 0.2, 0.4]), &mut rng).unwrap();
+        let d = pol
+            .decide(0, 3, &slots(&[0.3, 0.2, 0.4]), &mut rng)
+            .unwrap();
         assert_eq!(
             (d.commit, d.path, d.s_index),
             (vec![2], DecisionPath::Schedule, Some(2))
@@ -854,6 +879,18 @@ mod tests {
         // so j reaches 16 and both commit.
         let d = pol.decide(14, 16, &slots(&[0.2, 0.9]), &mut rng).unwrap();
         assert_eq!((d.commit, d.s_index), (vec![0, 1], Some(16)));
+    }
+
+    #[test]
+    fn schedule_never_looks_behind_the_next_grid_point() {
+        // Step 2 of 4 with all 8 slots still masked (ratio 1): s = 0.75025 would already give
+        // trunc(8 * 0.24975) = 1, but the search starts at index 3: trunc(8 * 0.74925) = 5.
+        let pol = policy(|p| p.steps = 4);
+        let confs = [0.1, 0.8, 0.3, 0.7, 0.2, 0.6, 0.5, 0.4];
+        let d = pol
+            .decide(2, 8, &slots(&confs), &mut request_rng(0))
+            .unwrap();
+        assert_eq!((d.commit, d.s_index), (vec![1, 3, 5, 6, 7], Some(3)));
     }
 
     #[test]
@@ -906,7 +943,10 @@ mod tests {
             p.steps = 16;
         });
         let confs = vec![0.5; 16];
-        let run = |seed| pol.decide(0, 16, &slots(&confs), &mut request_rng(seed)).unwrap();
+        let run = |seed| {
+            pol.decide(0, 16, &slots(&confs), &mut request_rng(seed))
+                .unwrap()
+        };
         // k = 1 as for maskgit_plus, but a random slot.
         assert_eq!(run(1).commit.len(), 1);
         assert_eq!(run(1), run(1));
@@ -918,7 +958,9 @@ mod tests {
             p.steps = 4;
         });
         // The last grid point transfers with probability 1.
-        let d = pol.decide(3, 5, &slots(&[0.1; 5]), &mut request_rng(0)).unwrap();
+        let d = pol
+            .decide(3, 5, &slots(&[0.1; 5]), &mut request_rng(0))
+            .unwrap();
         assert_eq!(d.commit, vec![0, 1, 2, 3, 4]);
     }
 
@@ -959,16 +1001,28 @@ mod tests {
     #[test]
     fn finish_rules() {
         let dim = policy(|p| p.steps = 4);
-        assert_eq!(dim.after_step(0, 0), StepOutcome::Finished(FinishReason::Completed));
+        assert_eq!(
+            dim.after_step(0, 0),
+            StepOutcome::Finished(FinishReason::Completed)
+        );
         assert_eq!(dim.after_step(2, 3), StepOutcome::Continue);
-        assert_eq!(dim.after_step(3, 1), StepOutcome::Finished(FinishReason::StepLimit));
+        assert_eq!(
+            dim.after_step(3, 1),
+            StepOutcome::Finished(FinishReason::StepLimit)
+        );
         let dream = policy(|p| {
             p.steps = 4;
             p.pipeline = Pipeline::Dream;
         });
         assert_eq!(dream.after_step(1, 0), StepOutcome::Continue);
-        assert_eq!(dream.after_step(3, 0), StepOutcome::Finished(FinishReason::Completed));
-        assert_eq!(dream.after_step(3, 2), StepOutcome::Finished(FinishReason::StepLimit));
+        assert_eq!(
+            dream.after_step(3, 0),
+            StepOutcome::Finished(FinishReason::Completed)
+        );
+        assert_eq!(
+            dream.after_step(3, 2),
+            StepOutcome::Finished(FinishReason::StepLimit)
+        );
     }
 
     #[test]

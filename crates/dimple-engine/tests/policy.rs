@@ -68,21 +68,25 @@ fn params_from_json(j: &Value) -> DecodeParams {
         assert!(p[knob].is_null(), "{knob}");
     }
     let n = p["max_new_tokens"].as_u64().unwrap() as usize;
-    let mut fixed: Vec<(usize, u32)> = match j["tokens_hook"]["fixed_response_positions"].as_object()
-    {
-        Some(map) => map
-            .iter()
-            .map(|(pos, tok)| (pos.parse().unwrap(), tok.as_u64().unwrap() as u32))
-            .collect(),
-        None => Vec::new(),
-    };
+    let mut fixed: Vec<(usize, u32)> =
+        match j["tokens_hook"]["fixed_response_positions"].as_object() {
+            Some(map) => map
+                .iter()
+                .map(|(pos, tok)| (pos.parse().unwrap(), tok.as_u64().unwrap() as u32))
+                .collect(),
+            None => Vec::new(),
+        };
     fixed.sort_unstable();
     DecodeParams {
         max_new_tokens: n,
         steps: p["steps"].as_u64().unwrap() as usize,
         threshold: p["alg_p_threshold"].as_f64().map(|t| t as f32),
         alg: p["alg"].as_str().unwrap().parse::<Alg>().unwrap(),
-        pipeline: p["decoding_pipeline"].as_str().unwrap().parse::<Pipeline>().unwrap(),
+        pipeline: p["decoding_pipeline"]
+            .as_str()
+            .unwrap()
+            .parse::<Pipeline>()
+            .unwrap(),
         temperature: 0.0,
         top_p: None,
         top_k: None,
@@ -105,7 +109,8 @@ fn replay(case: &str) -> Result<usize, String> {
         &std::fs::read(dir.join(format!("{case}.json"))).map_err(|e| e.to_string())?,
     )
     .map_err(|e| e.to_string())?;
-    let bytes = std::fs::read(dir.join(format!("{case}.safetensors"))).map_err(|e| e.to_string())?;
+    let bytes =
+        std::fs::read(dir.join(format!("{case}.safetensors"))).map_err(|e| e.to_string())?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
 
     let params = params_from_json(&json);
@@ -117,7 +122,11 @@ fn replay(case: &str) -> Result<usize, String> {
     // The grid, bit for bit.
     let want_ts = f32s(&st, "timesteps");
     let got_ts = timesteps(params.steps);
-    if want_ts.iter().map(|t| t.to_bits()).ne(got_ts.iter().map(|t| t.to_bits())) {
+    if want_ts
+        .iter()
+        .map(|t| t.to_bits())
+        .ne(got_ts.iter().map(|t| t.to_bits()))
+    {
         return Err(format!("timesteps differ: {got_ts:?} vs {want_ts:?}"));
     }
     assert_eq!(policy.timesteps(), &got_ts[..]);
@@ -143,7 +152,10 @@ fn replay(case: &str) -> Result<usize, String> {
         assert_eq!(initial[prompt_len + p], i64::from(tok), "prior at {p}");
     }
     let num_total_mask = count_masks(&initial);
-    assert_eq!(num_total_mask, params.max_new_tokens - params.prior.fixed.len());
+    assert_eq!(
+        num_total_mask,
+        params.max_new_tokens - params.prior.fixed.len()
+    );
     assert_eq!(Some(num_total_mask as u64), json["num_total_mask"].as_u64());
 
     let per_step = json["per_step"].as_array().unwrap();
@@ -155,7 +167,9 @@ fn replay(case: &str) -> Result<usize, String> {
         let mask_pos: Vec<usize> = (0..len).filter(|&c| seq[c] == MASK).collect();
         let rec_pos: Vec<usize> = pos[lo..hi].iter().map(|&p| p as usize).collect();
         if rec_pos != mask_pos {
-            return Err(format!("step {k}: recorded slots {rec_pos:?} vs masks {mask_pos:?}"));
+            return Err(format!(
+                "step {k}: recorded slots {rec_pos:?} vs masks {mask_pos:?}"
+            ));
         }
         assert_eq!(rec["masks_before"].as_u64(), Some(mask_pos.len() as u64));
         let slots: Vec<SlotScore> = (lo..hi)
@@ -171,7 +185,11 @@ fn replay(case: &str) -> Result<usize, String> {
             return Err(format!("step {k}: path {:?} vs {}", d.path, rec["path"]));
         }
         if Some(d.commit.len() as u64) != rec["committed"].as_u64() {
-            return Err(format!("step {k}: committed {} vs {}", d.commit.len(), rec["committed"]));
+            return Err(format!(
+                "step {k}: committed {} vs {}",
+                d.commit.len(),
+                rec["committed"]
+            ));
         }
         let want_s = rec["schedule"]["s_index"].as_u64().map(|s| s as usize);
         if d.s_index != want_s {
