@@ -480,3 +480,9 @@ impl Loop {
         self.publish();
     }
 }
+
+impl From<dimple_model::preprocess::PreprocessedImage> for EngineImage {
+    fn from(p: dimple_model::preprocess::PreprocessedImage) -> Self {
+        Self { pixel_values: p.pixel_values, patch_dim: p.patch_dim, grid_thw: p.grid_thw }
+    }
+}

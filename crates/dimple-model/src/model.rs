@@ -25,6 +25,14 @@ impl DimpleModel {
         Self::new(&cfg, &vb)
     }
 
+    /// The built-in demo checkpoint (see `dimple_core::builtin`).
+    pub fn builtin(dtype: DType, device: &Device) -> Result<Self> {
+        let cfg = DimpleConfig::from_json(dimple_core::builtin::CONFIG_JSON)?;
+        let vb = candle_nn::VarBuilder::from_slice_safetensors(dimple_core::builtin::MODEL_SAFETENSORS, dtype, device)
+            .map_err(|e| ModelError::Weights(e.to_string()))?;
+        Self::new(&cfg, &vb)
+    }
+
     /// Builds the model from a variable store rooted at the checkpoint's top level.
     pub fn new(cfg: &DimpleConfig, vb: &candle_nn::VarBuilder) -> Result<Self> {
         cfg.validate()?;

@@ -284,6 +284,14 @@ impl PromptBuilder {
         Self::from_file(&dir.join("tokenizer.json"), chat_template)
     }
 
+    /// The tokenizer of the built-in demo model (`dimple_core::builtin`).
+    pub fn builtin() -> Result<Self> {
+        let tokenizer = Tokenizer::from_bytes(dimple_core::builtin::TOKENIZER_JSON.as_bytes()).map_err(|source| {
+            PromptError::LoadTokenizer { path: std::path::PathBuf::from("<built-in demo tokenizer>"), source }
+        })?;
+        Self::new(tokenizer, None)
+    }
+
     /// Wraps an already loaded tokenizer.
     pub fn new(tokenizer: Tokenizer, chat_template: Option<String>) -> Result<Self> {
         let source = chat_template.unwrap_or_else(|| QWEN2_VL_CHAT_TEMPLATE.to_owned());
