@@ -3,6 +3,7 @@
 
 mod generate;
 mod model_source;
+mod sweep;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,11 @@ struct Cli {
 enum Command {
     /// Decode one request in-process and print the answer (or the step history as JSON).
     Generate(generate::GenerateArgs),
+    /// Run a dataset under a grid of decoding settings and loads; write CSV, JSON, Markdown
+    /// and PNG plots.
+    Sweep(sweep::SweepArgs),
+    /// Throughput at several concurrency levels (default 1, 4, 16) on the embedded model.
+    Bench(sweep::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,5 +34,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
+        Command::Sweep(args) => sweep::run_sweep(args),
+        Command::Bench(args) => sweep::run_bench(args),
     }
 }

@@ -1,0 +1,300 @@
+//! `dimple sweep` and `dimple bench`: load-tested evaluation sweeps over a grid of decoding
+//! settings and load levels, against a router or the embedded local model.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device};
+use clap::Args;
+use dimple_engine::{EngineConfig, EngineEvent, EngineHandle, EngineImage, GenerateRequest};
+use dimple_model::preprocess::{PreprocessConfig, preprocess_image};
+use dimple_router::prompt::{ChatMessage, ContentPart, PromptBuilder};
+use dimple_sweep::dataset::SyntheticSpec;
+use dimple_sweep::report::OutputDir;
+use dimple_sweep::target::TargetFuture;
+use dimple_sweep::{Grid, Item, Response, RunOptions, Summary, SweepRequest, Target, TargetError};
+
+use crate::generate::answer_text;
+use crate::model_source::ModelSource;
+
+/// The demo model's evaluation set, the default dataset.
+pub const DEFAULT_DATASET: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/demo_eval/eval.jsonl");
+
+#[derive(Args, Debug, Clone)]
+pub struct WorkloadArgs {
+    /// JSONL dataset (id, question/text/messages, image/images, answer, answer_type).
+    /// Default: the demo model's 100 evaluation items.
+    #[arg(long, env = "DIMPLE_DATASET", conflicts_with = "synthetic")]
+    pub dataset: Option<PathBuf>,
+    /// Use N synthetic items instead (random prompts, half with a random image).
+    #[arg(long)]
+    pub synthetic: Option<usize>,
+    /// Only the first N items.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Checkpoint directory for the embedded model; the built-in demo model when absent.
+    #[arg(long, env = "DIMPLE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Output directory (re-running skips configurations already there).
+    #[arg(long, default_value = "sweep-out")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    /// Grid as a TOML file (keys: threshold, alg, pipeline, use_cache, max_new_tokens,
+    /// steps, concurrency, rate, seed); flags below add to it.
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+    /// Thresholds (0 = none), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub threshold: Vec<f32>,
+    #[arg(long, value_delimiter = ',')]
+    pub alg: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    pub pipeline: Vec<String>,
+    /// Prefilling on/off, e.g. `false,true`.
+    #[arg(long, value_delimiter = ',')]
+    pub cache: Vec<bool>,
+    #[arg(long, value_delimiter = ',')]
+    pub max_new_tokens: Vec<usize>,
+    #[arg(long, value_delimiter = ',')]
+    pub steps: Vec<usize>,
+    /// Closed-loop concurrency levels.
+    #[arg(long, value_delimiter = ',')]
+    pub concurrency: Vec<usize>,
+    /// Open-loop Poisson arrival rates (requests/s).
+    #[arg(long, value_delimiter = ',')]
+    pub rate: Vec<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub workload: WorkloadArgs,
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 4, 16])]
+    pub concurrency: Vec<usize>,
+    /// Each item is sent this many times per level.
+    #[arg(long, default_value_t = 1)]
+    pub repeats: usize,
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    #[arg(long)]
+    pub cache: bool,
+}
+
+/// Requests decoded by an engine in this process.
+pub struct LocalTarget {
+    engine: EngineHandle,
+    builder: PromptBuilder,
+    pre: PreprocessConfig,
+    eos: u32,
+}
+
+impl LocalTarget {
+    pub fn start(source: &ModelSource) -> anyhow::Result<Self> {
+        let model = source.load_model(DType::F32, &Device::Cpu)?;
+        let eos = model.config().eos_token_id;
+        let engine = dimple_engine::start(
+            model,
+            EngineConfig { max_active: 64, max_waiting: 4096, ..EngineConfig::default() },
+            None,
+        );
+        Ok(Self { engine, builder: source.prompt_builder()?, pre: source.preprocess_config()?, eos })
+    }
+
+    fn request(&self, req: &SweepRequest) -> Result<GenerateRequest, TargetError> {
+        let invalid = |m: String| TargetError { code: "INVALID_ARGUMENT".into(), message: m };
+        let mut images = Vec::new();
+        for bytes in &req.item.images {
+            images.push(preprocess_image(bytes, &self.pre).map_err(|e| invalid(e.to_string()))?);
+        }
+        let counts: Vec<usize> = images.iter().map(|i| i.num_image_tokens(self.pre.merge_size as usize)).collect();
+        let last_user = req.item.turns.iter().rposition(|t| t.role == "user");
+        let messages: Vec<ChatMessage> = req
+            .item
+            .turns
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if Some(i) == last_user && !images.is_empty() {
+                    let mut parts: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).collect();
+                    parts.push(ContentPart::text(t.content.clone()));
+                    ChatMessage::parts(t.role.clone(), parts)
+                } else {
+                    ChatMessage::text(t.role.clone(), t.content.clone())
+                }
+            })
+            .collect();
+        let ids = self.builder.build(&messages, &counts).map_err(|e| invalid(e.to_string()))?.ids;
+        Ok(GenerateRequest {
+            prompt_ids: ids,
+            images: images.into_iter().map(EngineImage::from).collect(),
+            params: req.params.clone(),
+            deadline: None,
+        })
+    }
+}
+
+impl Target for LocalTarget {
+    fn generate(&self, req: SweepRequest) -> TargetFuture<'_> {
+        Box::pin(async move {
+            let sent = Instant::now();
+            let request = self.request(&req)?;
+            let tokens = request.params.max_new_tokens;
+            let mut rx = self.engine.submit(request).map_err(|e| TargetError {
+                code: match e {
+                    dimple_engine::EngineError::QueueFull { .. } | dimple_engine::EngineError::CacheImpossible { .. } => {
+                        "RESOURCE_EXHAUSTED".into()
+                    }
+                    dimple_engine::EngineError::Unavailable(_) => "UNAVAILABLE".into(),
+                    dimple_engine::EngineError::Model(_) => "INTERNAL".into(),
+                    _ => "INVALID_ARGUMENT".into(),
+                },
+                message: e.to_string(),
+            })?;
+            let mut first = None;
+            loop {
+                match rx.recv().await {
+                    Some(EngineEvent::Step { committed, .. }) => {
+                        if first.is_none() && !committed.is_empty() {
+                            first = Some(sent.elapsed());
+                        }
+                    }
+                    Some(EngineEvent::Finished(f)) => {
+                        let text = answer_text(&self.builder, &f.response_ids, self.eos)
+                            .map_err(|e| TargetError { code: "INTERNAL".into(), message: e.to_string() })?;
+                        return Ok(Response { text, steps: f.steps, tokens, first_commit: first });
+                    }
+                    Some(EngineEvent::Failed(e)) => {
+                        return Err(TargetError { code: "INTERNAL".into(), message: e.to_string() });
+                    }
+                    None => return Err(TargetError { code: "UNAVAILABLE".into(), message: "engine stopped".into() }),
+                }
+            }
+        })
+    }
+}
+
+fn load_items(w: &WorkloadArgs) -> anyhow::Result<Vec<Arc<Item>>> {
+    let mut items = match (w.synthetic, &w.dataset) {
+        (Some(n), _) => dimple_sweep::synthetic(&SyntheticSpec { items: n, seed: w.seed, ..SyntheticSpec::default() })?,
+        (None, Some(p)) => dimple_sweep::load_jsonl(p)?,
+        (None, None) => dimple_sweep::load_jsonl(std::path::Path::new(DEFAULT_DATASET))
+            .with_context(|| format!("the default dataset {DEFAULT_DATASET}; give --dataset or --synthetic"))?,
+    };
+    if let Some(n) = w.limit {
+        items.truncate(n);
+    }
+    if items.is_empty() {
+        bail!("no items to run");
+    }
+    Ok(items.into_iter().map(Arc::new).collect())
+}
+
+/// Runs every configuration not already in the output directory, then writes the reports.
+fn run_grid(w: &WorkloadArgs, grid: &Grid, repeats: usize, title: &str) -> anyhow::Result<Vec<Summary>> {
+    let items = load_items(w)?;
+    let configs = grid.configs(16)?;
+    let out = OutputDir::create(&w.out)?;
+    let mut done = out.finished()?;
+    let todo: Vec<_> = configs.iter().filter(|c| !done.contains_key(&c.key())).cloned().collect();
+    eprintln!(
+        "{} items, {} configurations ({} already done, {} to run), output in {}",
+        items.len(),
+        configs.len(),
+        configs.len() - todo.len(),
+        todo.len(),
+        w.out.display()
+    );
+    if !todo.is_empty() {
+        let source = ModelSource(w.model.clone());
+        let target: Arc<dyn Target> = Arc::new(LocalTarget::start(&source)?);
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let opts = RunOptions { progress: std::io::stderr().is_terminal(), repeats };
+        for cfg in &todo {
+            let (records, wall) = rt.block_on(dimple_sweep::run_config(target.clone(), &items, cfg, &opts));
+            let summary = Summary::from_records(cfg, &records, wall.as_secs_f64());
+            out.save(&summary, &records)?;
+            eprintln!(
+                "{}: ok {}/{} acc {} NFE {:.2} {:.1} tok/s p50 {:.3}s",
+                summary.key,
+                summary.ok,
+                summary.requests,
+                summary.accuracy.map_or("-".into(), |a| format!("{a:.3}")),
+                summary.nfe_mean,
+                summary.tokens_per_s,
+                summary.latency_p50_s
+            );
+            done.insert(summary.key.clone(), summary);
+        }
+    }
+    // Report in grid order, including points finished by earlier runs.
+    let summaries: Vec<Summary> = configs.iter().filter_map(|c| done.get(&c.key()).cloned()).collect();
+    for p in out.write_reports(&summaries, title)? {
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(summaries)
+}
+
+pub fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
+    let mut grid = match &a.grid {
+        Some(p) => Grid::from_toml_file(p)?,
+        None => Grid::default(),
+    };
+    grid.threshold.extend(&a.threshold);
+    grid.alg.extend(a.alg.iter().cloned());
+    grid.pipeline.extend(a.pipeline.iter().cloned());
+    grid.use_cache.extend(&a.cache);
+    grid.max_new_tokens.extend(&a.max_new_tokens);
+    grid.steps.extend(&a.steps);
+    grid.concurrency.extend(&a.concurrency);
+    grid.rate.extend(&a.rate);
+    if a.grid.is_none() {
+        grid.seed = a.workload.seed;
+    }
+    if grid.threshold.is_empty() {
+        // Default: the accuracy-vs-NFE curve of confident decoding.
+        grid.threshold = vec![0.0, 0.5, 0.7, 0.9, 0.95];
+    }
+    run_grid(&a.workload, &grid, 1, "Dimple sweep")?;
+    Ok(())
+}
+
+pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
+    let grid = Grid {
+        threshold: vec![a.threshold.unwrap_or(0.0)],
+        use_cache: vec![a.cache],
+        concurrency: a.concurrency.clone(),
+        seed: a.workload.seed,
+        ..Grid::default()
+    };
+    let summaries = run_grid(&a.workload, &grid, a.repeats, "Dimple bench")?;
+    println!("| concurrency | requests | req/s | tokens/s | NFE | p50 s | p99 s | speed-up vs 1 |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let one = summaries.first().map_or(1.0, |s| s.tokens_per_s.max(1e-9));
+    for s in &summaries {
+        let c = match s.config.load {
+            dimple_sweep::Load::Concurrency(c) => c.to_string(),
+            dimple_sweep::Load::Rate(r) => format!("rate {r}"),
+        };
+        println!(
+            "| {c} | {} | {:.2} | {:.1} | {:.2} | {:.3} | {:.3} | {:.2}x |",
+            s.ok,
+            s.requests_per_s,
+            s.tokens_per_s,
+            s.nfe_mean,
+            s.latency_p50_s,
+            s.latency_p99_s,
+            s.tokens_per_s / one
+        );
+    }
+    Ok(())
+}
