@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::Args;
 use dimple_core::params::{DecodeParams, StructurePrior};
-use dimple_engine::{EngineConfig, EngineEvent, EngineImage, GenerateRequest};
+use dimple_engine::{EngineConfig, EngineEvent, EngineImage, GenerateRequest, GroupConfig, GroupDevices};
+use dimple_model::Checkpoint;
 use dimple_model::preprocess::preprocess_image;
 use dimple_router::prompt::{ChatMessage, ContentPart, PromptBuilder};
 
@@ -111,13 +112,76 @@ pub struct GenerateArgs {
     /// Print one JSON object: response_ids, steps, history, finish_reason, text.
     #[arg(long)]
     pub json: bool,
+    /// Send the request to a running router (`http://HOST:PORT`, or `https://` with TLS)
+    /// instead of decoding in-process; the denoising is shown live from its stream.
+    #[arg(long, env = "DIMPLE_ROUTER")]
+    pub router: Option<String>,
+    /// API key sent as `authorization: Bearer <key>` (with `--router`).
+    #[arg(long, env = "DIMPLE_API_KEY")]
+    pub api_key: Option<String>,
+    /// PEM certificate of the CA that signed the router's TLS certificate (with `--router`).
+    #[arg(long, env = "DIMPLE_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Structure prior as a response template, e.g. "The answer is <mask><mask>.<|im_end|>"
+    /// (with `--router`: the router tokenises it into fixed positions).
+    #[arg(long, conflicts_with = "prior")]
+    pub prior_template: Option<String>,
+    #[command(flatten)]
+    pub ranks: RankArgs,
+}
+
+/// Where the model runs: tensor-parallel degree, device and dtype.
+#[derive(Args, Debug, Clone)]
+pub struct RankArgs {
+    /// Tensor-parallel degree: this many rank threads, one per device (CPU ranks when there
+    /// is no GPU). Must be one of the model's valid degrees.
+    #[arg(long, default_value_t = 1, env = "DIMPLE_TP")]
+    pub tp: usize,
+    /// cpu, cuda, or auto (CUDA when the binary is built with it and a GPU opens).
+    #[arg(long, default_value = "auto", env = "DIMPLE_DEVICE")]
+    pub device: String,
+    /// f32, bf16 or f16 (candle's CPU matmul has no bf16 kernel: use f32 or f16 on CPU).
+    #[arg(long, default_value = "f32", env = "DIMPLE_DTYPE")]
+    pub dtype: String,
+}
+
+impl RankArgs {
+    pub fn group(&self) -> anyhow::Result<GroupConfig> {
+        let dtype = match self.dtype.as_str() {
+            "f32" => DType::F32,
+            "bf16" => DType::BF16,
+            "f16" => DType::F16,
+            other => bail!("`--dtype` must be f32, bf16 or f16, got {other:?}"),
+        };
+        let devices = match self.device.as_str() {
+            "cpu" => GroupDevices::Cpu,
+            "cuda" => GroupDevices::Cuda { first_ordinal: 0 },
+            "auto" if candle_core::utils::cuda_is_available() && Device::new_cuda(0).is_ok() => {
+                GroupDevices::Cuda { first_ordinal: 0 }
+            }
+            "auto" => GroupDevices::Cpu,
+            other => bail!("`--device` must be cpu, cuda or auto, got {other:?}"),
+        };
+        Ok(GroupConfig { dtype, devices, ..GroupConfig::cpu(self.tp) })
+    }
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(url) = &args.router {
+        return crate::remote::run(&args, url);
+    }
+    if args.prior_template.is_some() {
+        bail!("`--prior-template` needs `--router` (the router tokenises templates)");
+    }
     let source = ModelSource(args.model.clone());
-    let device = Device::Cpu;
-    let model = source.load_model(DType::F32, &device)?;
-    let cfg = model.config().clone();
+    let checkpoint = match &source.0 {
+        Some(dir) => Checkpoint::Dir(dir.clone()),
+        None => Checkpoint::Builtin,
+    };
+    let group = args.ranks.group()?;
+    let engine = dimple_engine::start_group(&checkpoint, group, EngineConfig::default(), None)
+        .with_context(|| format!("loading the model from {} on {} rank(s)", source.name(), args.ranks.tp))?;
+    let cfg = engine.model_config().clone();
     let mut pre = source.preprocess_config()?;
     if let Some(v) = args.min_pixels {
         pre.min_pixels = v;
@@ -152,7 +216,6 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             row[p] = t;
         }
     }
-    let engine = dimple_engine::start(model, EngineConfig::default(), None);
     let request = GenerateRequest {
         prompt_ids,
         images: images.into_iter().map(EngineImage::from).collect(),
@@ -206,7 +269,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 /// `max_new_tokens` from the model's generation config, else 64.
-fn default_response_len(source: &ModelSource) -> usize {
+pub(crate) fn default_response_len(source: &ModelSource) -> usize {
     let text = match &source.0 {
         Some(dir) => std::fs::read_to_string(dir.join("generation_config.json")).ok(),
         None => Some(dimple_core::builtin::GENERATION_CONFIG_JSON.to_string()),

@@ -1,9 +1,15 @@
 //! `dimple`: the command-line entry point. Each subcommand parses its flags (every flag can
 //! also come from a `DIMPLE_*` environment variable) and calls into the library crates.
 
+mod bench_random;
 mod generate;
 mod model_source;
+mod remote;
+mod router;
+mod serve;
+mod serving;
 mod sweep;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -16,13 +22,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Decode one request in-process and print the answer (or the step history as JSON).
+    /// Decode one request (in-process, or on a router with `--router`) and print the answer
+    /// (or the step history as JSON).
     Generate(generate::GenerateArgs),
+    /// Router and one worker in one process: the gRPC service on one machine (built-in demo
+    /// model unless `--model`).
+    Serve(serve::ServeArgs),
+    /// The public gRPC service in front of workers (static list or etcd).
+    Router(router::RouterArgs),
+    /// One tensor-parallel group serving the internal worker service (registers in etcd).
+    Worker(worker::WorkerArgs),
     /// Run a dataset under a grid of decoding settings and loads; write CSV, JSON, Markdown
     /// and PNG plots.
     Sweep(sweep::SweepArgs),
     /// Throughput at several concurrency levels (default 1, 4, 16) on the embedded model.
     Bench(sweep::BenchArgs),
+    /// Step time and tokens/s on random weights of a real model shape (GPU checks).
+    #[command(hide = true)]
+    BenchRandom(bench_random::BenchRandomArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,7 +51,11 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Router(args) => router::run(args),
+        Command::Worker(args) => worker::run(args),
         Command::Sweep(args) => sweep::run_sweep(args),
         Command::Bench(args) => sweep::run_bench(args),
+        Command::BenchRandom(args) => bench_random::run(args),
     }
 }

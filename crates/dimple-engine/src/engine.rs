@@ -1,7 +1,12 @@
-//! The engine loop and its handle. One thread owns the model, the active set and the cache
-//! pool; every iteration admits waiting requests that fit, drops cancelled or expired ones,
-//! runs one packed forward pass over a step of every active sequence and applies each
+//! The engine loop and its handle. One thread owns the active set and the cache pool;
+//! every iteration admits waiting requests that fit, drops cancelled or expired ones, runs
+//! one packed forward pass over a step of every active sequence and applies each
 //! sequence's own decision. Callers talk to it through [`EngineHandle`].
+//!
+//! The model itself lives on rank threads (`group`): one for [`start`], one per device of a
+//! tensor-parallel group for [`start_group`]. The engine thread hands every rank the same
+//! step plan and applies the per-slot results rank 0 returns; a failed rank fails the whole
+//! group (every request gets an error and the engine turns unhealthy).
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -11,11 +16,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use dimple_core::params::{DecodeLimits, DecodeParams, FinishReason};
-use dimple_model::{DimpleConfig, DimpleModel, kv_cache_bytes};
+use dimple_model::{Checkpoint, DimpleConfig, DimpleModel, kv_cache_bytes_per_rank};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use crate::EngineError;
 use crate::events::EngineEvent;
+use crate::group::{AdmitSeq, Group, GroupConfig, StepPlan, panic_text};
 use crate::pool::{Admission, CachePool};
 use crate::sequence::Sequence;
 
@@ -28,7 +34,8 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Tokens in one forward pass at most (a sequence larger than this still runs alone).
     pub max_step_tokens: usize,
-    /// Bytes of prompt K/V cache that cached-mode requests may hold together.
+    /// Bytes of prompt K/V cache that cached-mode requests may hold together, per rank
+    /// (each rank of a tensor-parallel group holds its share of the kv heads).
     pub cache_budget_bytes: usize,
     pub limits: DecodeLimits,
     /// Prompt tokens (image tokens included) at most.
@@ -119,6 +126,8 @@ pub struct EngineHandle {
     cfg: Arc<EngineConfig>,
     model_cfg: Arc<DimpleConfig>,
     dtype: candle_core::DType,
+    /// Ranks of the tensor-parallel group (1 for [`start`]).
+    world: usize,
 }
 
 impl EngineHandle {
@@ -188,7 +197,7 @@ impl EngineHandle {
                 )));
             }
         }
-        let need = if req.params.use_cache { kv_cache_bytes(cfg, p - 1, self.dtype) } else { 0 };
+        let need = if req.params.use_cache { kv_cache_bytes_per_rank(cfg, p - 1, self.dtype, self.world) } else { 0 };
         if need > self.cfg.cache_budget_bytes {
             return Err(EngineError::CacheImpossible { needed: need, budget: self.cfg.cache_budget_bytes });
         }
@@ -214,6 +223,11 @@ impl EngineHandle {
         &self.cfg
     }
 
+    /// Ranks of the tensor-parallel group behind this engine.
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
     /// Stops the loop; running and waiting requests end with `Unavailable`.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Command::Shutdown);
@@ -229,8 +243,35 @@ impl EngineHandle {
     }
 }
 
-/// Starts the engine thread over `model`. `on_step` (optional) observes every step.
+/// Starts the engine thread over `model` (a whole model: one rank). `on_step` (optional)
+/// observes every step.
 pub fn start(model: DimpleModel, cfg: EngineConfig, on_step: Option<StepHook>) -> EngineHandle {
+    let model_cfg = model.config().clone();
+    let dtype = model.text.dtype();
+    spawn(Group::single(model), model_cfg, dtype, cfg, on_step)
+}
+
+/// Starts a tensor-parallel engine: `group.world_size` rank threads each load their shard of
+/// `checkpoint` (in parallel) and the engine thread drives them. Returns once every rank is
+/// loaded; a degree the model cannot take is refused with the valid ones
+/// ([`EngineError::Invalid`]), a load failure is [`EngineError::Model`].
+pub fn start_group(
+    checkpoint: &Checkpoint,
+    group: GroupConfig,
+    cfg: EngineConfig,
+    on_step: Option<StepHook>,
+) -> Result<EngineHandle, EngineError> {
+    let (ranks, model_cfg) = Group::start(checkpoint, &group)?;
+    Ok(spawn(Ok(ranks), model_cfg, group.dtype, cfg, on_step))
+}
+
+fn spawn(
+    group: Result<Group, EngineError>,
+    model_cfg: DimpleConfig,
+    dtype: candle_core::DType,
+    cfg: EngineConfig,
+    on_step: Option<StepHook>,
+) -> EngineHandle {
     let (tx, rx) = channel();
     let shared = Arc::new(Shared {
         waiting: AtomicUsize::new(0),
@@ -241,70 +282,117 @@ pub fn start(model: DimpleModel, cfg: EngineConfig, on_step: Option<StepHook>) -
         next_id: AtomicU64::new(1),
         failure: Mutex::new(None),
     });
+    let model_cfg = Arc::new(model_cfg);
     let handle = EngineHandle {
         tx,
         shared: shared.clone(),
         cfg: Arc::new(cfg.clone()),
-        model_cfg: Arc::new(model.config().clone()),
-        dtype: model.text.dtype(),
+        model_cfg: model_cfg.clone(),
+        dtype,
+        world: group.as_ref().map_or(1, Group::world_size),
+    };
+    let group = match group {
+        Ok(g) => g,
+        Err(e) => {
+            handle.mark_failed(format!("cannot start the engine: {e}"));
+            return handle;
+        }
     };
     let spawned = std::thread::Builder::new().name("dimple-engine".into()).spawn(move || {
         let mut lp = Loop {
-            model,
+            group,
+            model_cfg,
             pool: CachePool::new(cfg.cache_budget_bytes),
             cfg,
             rx,
             shared,
             waiting: VecDeque::new(),
             active: Vec::new(),
+            admitted: Vec::new(),
+            evicted: Vec::new(),
             on_step,
         };
         lp.run();
     });
     if let Err(e) = spawned {
-        handle.shared.healthy.store(false, Ordering::Release);
-        if let Ok(mut f) = handle.shared.failure.lock() {
-            *f = Some(format!("cannot start the engine thread: {e}"));
-        }
+        handle.mark_failed(format!("cannot start the engine thread: {e}"));
     }
     handle
 }
 
+impl EngineHandle {
+    fn mark_failed(&self, why: String) {
+        self.shared.healthy.store(false, Ordering::Release);
+        if let Ok(mut f) = self.shared.failure.lock() {
+            *f = Some(why);
+        }
+    }
+}
+
 struct Loop {
-    model: DimpleModel,
+    group: Group,
+    model_cfg: Arc<DimpleConfig>,
     pool: CachePool,
     cfg: EngineConfig,
     rx: Receiver<Command>,
     shared: Arc<Shared>,
     waiting: VecDeque<Pending>,
     active: Vec<Sequence>,
+    /// Sequences admitted since the last plan: the ranks compute their prompt embeddings.
+    admitted: Vec<AdmitSeq>,
+    /// Sequences that left since the last plan: the ranks drop their state.
+    evicted: Vec<u64>,
     on_step: Option<StepHook>,
 }
 
 impl Loop {
     fn run(&mut self) {
         loop {
+            if let Err(e) = self.flush_evictions() {
+                self.group_failed(e);
+                return;
+            }
             if !self.intake() {
                 self.stop("the engine was shut down".into());
+                self.group.shutdown();
                 return;
             }
             let outcome = catch_unwind(AssertUnwindSafe(|| {
                 self.admit();
                 self.reap();
-                self.step();
+                self.step()
             }));
             self.publish();
-            if let Err(panic) = outcome {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                tracing::error!(%what, "engine step panicked; failing all requests");
-                self.stop(format!("the engine failed: {what}"));
-                return;
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.group_failed(e);
+                    return;
+                }
+                Err(panic) => {
+                    let what = panic_text(&*panic);
+                    tracing::error!(%what, "engine step panicked; failing all requests");
+                    self.stop(format!("the engine failed: {what}"));
+                    self.group.shutdown();
+                    return;
+                }
             }
         }
+    }
+
+    fn group_failed(&mut self, e: String) {
+        tracing::error!(error = %e, "the model's rank group failed; failing all requests");
+        self.stop(format!("the model failed: {e}"));
+        self.group.shutdown();
+    }
+
+    /// Before going idle, lets the ranks drop the state of the sequences that left.
+    fn flush_evictions(&mut self) -> Result<(), String> {
+        if self.evicted.is_empty() || !self.active.is_empty() || !self.waiting.is_empty() {
+            return Ok(());
+        }
+        let plan = StepPlan { evict: std::mem::take(&mut self.evicted), ..StepPlan::default() };
+        self.group.run(plan).map(|_| ())
     }
 
     /// Moves submitted requests into the waiting queue, blocking when there is nothing to do.
@@ -346,8 +434,11 @@ impl Loop {
                 }
                 Admission::Ok => {
                     let p = self.pop_waiting();
-                    match Sequence::new(p.id, p.req, &self.model, p.events.clone(), p.need_bytes, p.submitted) {
-                        Ok(seq) => self.active.push(seq),
+                    match Sequence::new(p.id, p.req, &self.model_cfg, p.events.clone(), p.need_bytes, p.submitted) {
+                        Ok((seq, admit)) => {
+                            self.active.push(seq);
+                            self.admitted.push(admit);
+                        }
                         Err(e) => {
                             self.pool.release(p.need_bytes);
                             let _ = p.events.send(EngineEvent::Failed(e));
@@ -378,10 +469,9 @@ impl Loop {
                 None
             };
             if let Some(r) = reason {
-                let mut s = self.active.swap_remove(i);
+                let s = self.active.swap_remove(i);
                 tracing::debug!(id = s.id, reason = %r, "sequence leaves early");
-                s.finish(r);
-                self.pool.release(s.reserved_bytes);
+                self.retire(s, Ok(r));
             } else {
                 i += 1;
             }
@@ -390,9 +480,12 @@ impl Loop {
 
     /// One packed forward pass over a step of the active sequences (oldest first, within the
     /// token budget), then each sequence's own decision.
-    fn step(&mut self) {
+    /// One packed forward pass over a step of the active sequences (oldest first, within the
+    /// token budget), then each sequence's own decision. An error is the failure of the
+    /// rank group.
+    fn step(&mut self) -> Result<(), String> {
         if self.active.is_empty() {
-            return;
+            return Ok(());
         }
         let started = Instant::now();
         let mut chosen = Vec::new();
@@ -405,29 +498,20 @@ impl Loop {
             tokens += t;
             chosen.push(i);
         }
-        let plans: Result<Vec<_>, EngineError> = chosen.iter().map(|&i| self.active[i].plan(&self.model)).collect();
-        let result = plans.and_then(|plans| {
-            let inputs: Vec<_> = chosen.iter().zip(&plans).map(|(&i, p)| self.active[i].seq_input(p)).collect();
-            self.model.text.forward(&inputs, None).map_err(EngineError::from)
-        });
-        let outputs = match result {
-            Ok(o) => o,
-            Err(e) => {
-                tracing::error!(error = %e, "forward pass failed");
-                for &i in chosen.iter().rev() {
-                    let mut s = self.active.swap_remove(i);
-                    s.fail(e.clone());
-                    self.pool.release(s.reserved_bytes);
-                }
-                return;
-            }
-        };
+        let mut admit = std::mem::take(&mut self.admitted);
+        let mut evict = std::mem::take(&mut self.evicted);
+        // A sequence that left before its first step never needs to reach the ranks.
+        let gone: Vec<u64> = admit.iter().filter(|a| evict.contains(&a.id)).map(|a| a.id).collect();
+        admit.retain(|a| !gone.contains(&a.id));
+        evict.retain(|id| !gone.contains(id));
+        let step = chosen.iter().map(|&i| self.active[i].plan()).collect();
+        let outputs = self.group.run(StepPlan { admit, evict, step })?;
         self.shared.forward_passes.fetch_add(1, Ordering::AcqRel);
         let mut finished = Vec::new();
         let mut committed = 0;
         for (&i, out) in chosen.iter().zip(outputs) {
             let s = &mut self.active[i];
-            match s.apply(&out.logits, out.cache) {
+            match s.apply(out) {
                 Ok(done) => {
                     committed += s.last_committed;
                     if let Some(r) = done {
@@ -440,15 +524,25 @@ impl Loop {
         // Remove from the back so earlier indices stay valid.
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, r) in finished {
-            let mut s = self.active.swap_remove(i);
-            match r {
-                Ok(reason) => s.finish(reason),
-                Err(e) => s.fail(e),
-            }
-            self.pool.release(s.reserved_bytes);
+            let s = self.active.swap_remove(i);
+            self.retire(s, r);
         }
         if let Some(hook) = &self.on_step {
             hook(&StepReport { batch_size: chosen.len(), tokens, committed, seconds: started.elapsed().as_secs_f64() });
+        }
+        Ok(())
+    }
+
+    /// Removes a sequence: its cache reservation is released and published before the
+    /// final event goes out, so a client that sees the end also sees the memory free.
+    fn retire(&mut self, mut s: Sequence, outcome: Result<FinishReason, EngineError>) {
+        self.pool.release(s.reserved_bytes);
+        self.evicted.push(s.id);
+        self.shared.active.store(self.active.len(), Ordering::Release);
+        self.shared.cache_used.store(self.pool.used(), Ordering::Release);
+        match outcome {
+            Ok(reason) => s.finish(reason),
+            Err(e) => s.fail(e),
         }
     }
 

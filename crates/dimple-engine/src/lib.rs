@@ -1,6 +1,8 @@
 //! The diffusion decoding engine: per-request unmasking policies (`policy`), sequences and
 //! their state (`sequence`), the prefix-cache pool (`pool`), the engine loop and its handle
-//! (`engine`), and the events a request's owner receives (`events`).
+//! (`engine`), the rank threads that own the (possibly tensor-parallel) model (`group`),
+//! greedy scoring on vocabulary shards (`vocab_score`), and the events a request's owner
+//! receives (`events`).
 //!
 //! Every request decodes exactly as the official implementation decodes it alone; batching
 //! changes throughput, never results.
@@ -8,10 +10,13 @@
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod group;
 pub mod policy;
 pub mod pool;
 pub mod sequence;
+mod vocab_score;
 
-pub use engine::{EngineConfig, EngineHandle, EngineImage, EngineStats, GenerateRequest, StepReport, start};
+pub use engine::{EngineConfig, EngineHandle, EngineImage, EngineStats, GenerateRequest, StepReport, start, start_group};
+pub use group::{FaultInjection, FaultKind, GroupConfig, GroupDevices};
 pub use error::EngineError;
 pub use events::{EngineEvent, Finished, Timings};

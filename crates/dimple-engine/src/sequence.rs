@@ -1,18 +1,23 @@
 //! One request inside the engine: its canvas (prompt + response slots), the fixed slots of
-//! its structure prior, its policy and random generator, its prompt cache and its event
-//! channel. It plans its own forward input and applies its own step decision, so its
-//! result never depends on the other sequences of a step.
+//! its structure prior, its policy and random generator and its event channel. It plans
+//! its own part of a step and applies its own step decision, so its result never depends
+//! on the other sequences of a step.
+//!
+//! This is the engine thread's (host) side of a request. Its device side, the prompt
+//! embeddings and the prefix cache, lives on the rank threads (`group`), each rank holding
+//! its own shard of the cache.
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::Tensor;
 use dimple_core::params::FinishReason;
-use dimple_model::{DimpleModel, KvCache, SeqInput};
+use dimple_model::DimpleConfig;
 use rand::rngs::StdRng;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::EngineError;
 use crate::events::{EngineEvent, Finished, Timings};
+use crate::group::{AdmitSeq, Scoring, SeqStep, SlotOutput};
 use crate::policy::{Policy, StepOutcome, request_rng};
 
 /// Where a sequence is in its life.
@@ -29,9 +34,6 @@ pub struct Sequence {
     /// Prompt + response slots.
     ids: Vec<u32>,
     prompt_len: usize,
-    /// Prompt embeddings with image rows placed, computed once at admission.
-    prompt_embeds: Tensor,
-    positions: Vec<[i64; 3]>,
     /// Response slots fixed by the structure prior: never masks, never changed.
     fixed: Vec<bool>,
     num_total_mask: usize,
@@ -41,9 +43,7 @@ pub struct Sequence {
     /// Slots committed by the last step (for metrics).
     pub last_committed: usize,
     use_cache: bool,
-    /// K/V of the first `prompt_len - 1` positions, from step 0 (cache mode only).
-    cache: Option<KvCache>,
-    /// Bytes reserved in the pool for `cache`.
+    /// Bytes reserved in the pool for the prefix cache (per rank).
     pub reserved_bytes: usize,
     policy: Policy,
     rng: StdRng,
@@ -55,26 +55,17 @@ pub struct Sequence {
     first_commit: Option<Instant>,
 }
 
-/// What a sequence feeds into one packed forward pass.
-pub struct StepInput {
-    pub embeds: Tensor,
-    pub start: usize,
-    pub keep_prefix: usize,
-    pub logit_rows: std::ops::Range<usize>,
-}
-
 impl Sequence {
-    /// Builds the sequence: places the response masks and the prior, computes position ids
-    /// and the prompt embeddings (running the vision tower for its images).
+    /// Builds the sequence: places the response masks and the prior and computes (which
+    /// validates) the position ids. Returns what the ranks need to admit it.
     pub(crate) fn new(
         id: u64,
         req: crate::GenerateRequest,
-        model: &DimpleModel,
+        cfg: &DimpleConfig,
         events: UnboundedSender<EngineEvent>,
         reserved_bytes: usize,
         submitted: Instant,
-    ) -> Result<Self, EngineError> {
-        let cfg = model.config();
+    ) -> Result<(Self, AdmitSeq), EngineError> {
         let p = req.prompt_ids.len();
         let n = req.params.max_new_tokens;
         let mut ids = req.prompt_ids;
@@ -86,27 +77,15 @@ impl Sequence {
         }
         let num_total_mask = fixed.iter().filter(|&&f| !f).count();
         let grids: Vec<[usize; 3]> = req.images.iter().map(|i| i.grid_thw).collect();
+        // Checks the image tokens against the grids here, before any rank sees the request.
         let ri = dimple_model::rope_index(&ids, None, &grids, cfg)?;
-        let features = if req.images.is_empty() {
-            None
-        } else {
-            let dev = model.device();
-            let mut rows = Vec::with_capacity(req.images.len());
-            for im in &req.images {
-                let patches = im.pixel_values.len() / im.patch_dim.max(1);
-                rows.push(Tensor::from_slice(&im.pixel_values, (patches, im.patch_dim), dev)?);
-            }
-            Some(model.encode_images(&Tensor::cat(&rows, 0)?, &grids)?)
-        };
-        let prompt_embeds = model.embed(&ids[..p], features.as_ref())?;
         let policy = Policy::new(&req.params)?;
         let now = Instant::now();
-        Ok(Self {
+        let admit = AdmitSeq { id, prompt_ids: ids[..p].to_vec(), images: req.images, positions: Arc::new(ri.positions) };
+        let seq = Self {
             id,
             ids,
             prompt_len: p,
-            prompt_embeds,
-            positions: ri.positions,
             fixed,
             num_total_mask,
             mask_id: cfg.mask_token_id,
@@ -114,7 +93,6 @@ impl Sequence {
             state: SequenceState::Fresh,
             last_committed: 0,
             use_cache: req.params.use_cache,
-            cache: None,
             reserved_bytes,
             policy,
             rng: request_rng(req.params.seed),
@@ -124,7 +102,8 @@ impl Sequence {
             submitted,
             admitted: now,
             first_commit: None,
-        })
+        };
+        Ok((seq, admit))
     }
 
     pub fn response_len(&self) -> usize {
@@ -145,54 +124,45 @@ impl Sequence {
         self.events.is_closed()
     }
 
-    /// The next forward input: the whole sequence, or (cache mode after step 0) the last
-    /// prompt token and the response against the cached prompt.
-    pub fn plan(&self, model: &DimpleModel) -> Result<StepInput, EngineError> {
+    /// The response slots still to fill, ascending.
+    fn masked(&self) -> Vec<usize> {
         let p = self.prompt_len;
-        let n = self.response_len();
-        let response = model.text.embed_tokens(&self.ids[p..])?;
-        if self.use_cache && self.state == SequenceState::Decoding {
-            let last = self.prompt_embeds.narrow(0, p - 1, 1)?;
-            Ok(StepInput { embeds: Tensor::cat(&[&last, &response], 0)?, start: p - 1, keep_prefix: 0, logit_rows: 0..n })
-        } else {
-            let keep = if self.use_cache { p - 1 } else { 0 };
-            Ok(StepInput {
-                embeds: Tensor::cat(&[&self.prompt_embeds, &response], 0)?,
-                start: 0,
-                keep_prefix: keep,
-                logit_rows: p - 1..p - 1 + n,
-            })
+        (0..self.response_len()).filter(|&j| !self.fixed[j] && self.ids[p + j] == self.mask_id).collect()
+    }
+
+    /// This sequence's part of the next step: the whole sequence, or (cache mode after step
+    /// 0) the last prompt token and the response against the cached prompt.
+    pub(crate) fn plan(&self) -> SeqStep {
+        let window = self.use_cache && self.state == SequenceState::Decoding;
+        let scorer = self.policy.scorer();
+        SeqStep {
+            id: self.id,
+            response: self.ids[self.prompt_len..].to_vec(),
+            window,
+            keep_prefix: if self.use_cache && !window { self.prompt_len - 1 } else { 0 },
+            // Response positions are far below u32::MAX (bounded by the context length).
+            masked: self.masked().into_iter().map(|j| j as u32).collect(),
+            scoring: if scorer.is_greedy() { Scoring::Greedy(scorer.kind) } else { Scoring::FullRows },
         }
     }
 
-    pub fn seq_input<'a>(&'a self, s: &StepInput) -> SeqInput<'a> {
-        SeqInput {
-            embeds: s.embeds.clone(),
-            positions: &self.positions[s.start..],
-            key_valid: None,
-            prefix: if s.start > 0 { self.cache.as_ref() } else { None },
-            keep_prefix: s.keep_prefix,
-            logit_rows: s.logit_rows.clone(),
-        }
-    }
-
-    /// Applies one step from the shifted logits of the response slots (`[n, vocab]`).
+    /// Applies one step from the scored masked slots (or their full shifted logits rows).
     /// Returns whether the sequence finished.
-    pub fn apply(&mut self, logits: &Tensor, new_cache: Option<KvCache>) -> Result<Option<FinishReason>, EngineError> {
-        if let Some(c) = new_cache {
-            self.cache = Some(c);
-        }
+    pub(crate) fn apply(&mut self, out: SlotOutput) -> Result<Option<FinishReason>, EngineError> {
         let p = self.prompt_len;
-        let masked: Vec<usize> =
-            (0..self.response_len()).filter(|&j| !self.fixed[j] && self.ids[p + j] == self.mask_id).collect();
-        let mut scores = Vec::with_capacity(masked.len());
-        if !masked.is_empty() {
-            let idx: Vec<u32> = masked.iter().map(|&j| j as u32).collect();
-            let idx = Tensor::from_vec(idx, masked.len(), logits.device())?;
-            let rows = logits.index_select(&idx, 0)?.to_vec2::<f32>()?;
-            for row in &rows {
-                scores.push(self.policy.score(row, &mut self.rng)?);
+        let masked = self.masked();
+        let scores = match out {
+            SlotOutput::Scores(s) => s,
+            SlotOutput::Rows(rows) => {
+                let mut s = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    s.push(self.policy.score(row, &mut self.rng)?);
+                }
+                s
             }
+        };
+        if scores.len() != masked.len() {
+            return Err(EngineError::Model(format!("{} scores for {} masked slots", scores.len(), masked.len())));
         }
         let decision = self.policy.decide(self.step, self.num_total_mask, &scores, &mut self.rng)?;
         let mut committed = Vec::with_capacity(decision.commit.len());
@@ -228,7 +198,6 @@ impl Sequence {
             first_commit_ms: self.first_commit.map(|t| ms(t - self.submitted)),
             total_ms: ms(now - self.submitted),
         };
-        self.cache = None;
         let _ = self.events.send(EngineEvent::Finished(Finished {
             response_ids: self.ids[self.prompt_len..].to_vec(),
             steps: self.step,
@@ -238,7 +207,6 @@ impl Sequence {
     }
 
     pub fn fail(&mut self, err: EngineError) {
-        self.cache = None;
         let _ = self.events.send(EngineEvent::Failed(err));
     }
 }

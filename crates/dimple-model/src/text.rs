@@ -5,17 +5,24 @@
 //! their tokens packed into one matrix, attention runs per sequence against that sequence's
 //! own cached prefix (if any). A sequence's result does not depend on what it shares the
 //! call with.
+//!
+//! The same definition serves every tensor-parallel degree (see `crate::tp`): a rank holds
+//! its query heads, its kv heads (split, or replicated beyond their number), its MLP
+//! columns and its vocabulary slice, and its prefix caches hold only its kv heads. With a
+//! group of one nothing is communicated and every layer holds the whole tensor.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::weights::{Linear, RmsNorm, get};
+use crate::tp::{ColumnParallelLinear, Comm, RowParallelLinear, Shard, SingleComm, TpLayout, VocabParallelEmbedding};
+use crate::weights::{Linear, RmsNorm};
 use crate::{DimpleConfig, ModelError, Result};
 
 /// Keys and values of a sequence's cached prefix, per layer, each `[kv_heads, len, head_dim]`
-/// (keys after rotary embedding).
+/// (keys after rotary embedding; under tensor parallelism, the rank's kv heads only).
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub layers: Vec<(Tensor, Tensor)>,
@@ -42,7 +49,15 @@ impl KvCache {
 
 /// Bytes a prefix cache of `len` positions takes for this configuration and dtype.
 pub fn kv_cache_bytes(cfg: &DimpleConfig, len: usize, dtype: DType) -> usize {
-    2 * cfg.num_hidden_layers * cfg.num_kv_heads() * cfg.head_dim() * len * dtype.size_in_bytes()
+    kv_cache_bytes_per_rank(cfg, len, dtype, 1)
+}
+
+/// Bytes one rank of a group of `world` holds for a prefix cache of `len` positions: its
+/// share of the kv heads (one head when they are replicated).
+pub fn kv_cache_bytes_per_rank(cfg: &DimpleConfig, len: usize, dtype: DType, world: usize) -> usize {
+    let nkv = cfg.num_kv_heads();
+    let local = nkv / world.clamp(1, nkv);
+    2 * cfg.num_hidden_layers * local * cfg.head_dim() * len * dtype.size_in_bytes()
 }
 
 /// One sequence of a packed forward call.
@@ -64,7 +79,9 @@ pub struct SeqInput<'a> {
 
 /// Result for one sequence.
 pub struct SeqOutput {
-    /// `[rows, vocab]` in f32 for the requested rows (unshifted).
+    /// `[rows, vocab]` in f32 for the requested rows (unshifted). Under tensor parallelism,
+    /// only the rank's vocabulary slice ([`TextModel::vocab_range`]); see
+    /// [`TextModel::gather_vocab`].
     pub logits: Tensor,
     pub cache: Option<KvCache>,
 }
@@ -105,20 +122,21 @@ impl Rope {
     }
 }
 
+/// Attention over the rank's heads (all of them in a group of one).
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: ColumnParallelLinear,
+    k: ColumnParallelLinear,
+    v: ColumnParallelLinear,
+    o: RowParallelLinear,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: ColumnParallelLinear,
+    up: ColumnParallelLinear,
+    down: RowParallelLinear,
 }
 
 impl Mlp {
@@ -135,44 +153,63 @@ struct Layer {
     post_norm: RmsNorm,
 }
 
-/// The language model of Dimple.
+/// The language model of Dimple (one rank's shard of it).
 pub struct TextModel {
-    embed: Tensor,
+    embed: VocabParallelEmbedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    lm_head: Linear,
+    /// The rows of the rank's vocabulary slice.
+    lm_head: ColumnParallelLinear,
     rope: Rope,
     cfg: DimpleConfig,
+    layout: TpLayout,
+    comm: Arc<dyn Comm>,
     device: Device,
     dtype: DType,
 }
 
 impl TextModel {
-    /// `vb` is the checkpoint root (names `model.*` and `lm_head.*`).
+    /// The whole model (a group of one). `vb` is the checkpoint root (names `model.*` and
+    /// `lm_head.*`).
     pub fn new(cfg: &DimpleConfig, vb: &VarBuilder) -> Result<Self> {
+        Self::new_sharded(cfg, vb, Arc::new(SingleComm))
+    }
+
+    /// This rank's shard, for the rank and group of `comm`: every sharded tensor is loaded
+    /// from the full checkpoint tensor narrowed to the rank's slice.
+    pub fn new_sharded(cfg: &DimpleConfig, vb: &VarBuilder, comm: Arc<dyn Comm>) -> Result<Self> {
+        let layout = TpLayout::new(cfg, comm.rank(), comm.world_size())?;
         let (h, hd) = (cfg.hidden_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let heads = |s: Shard, n: usize| {
+            let r = s.range(n);
+            r.start * hd..r.end * hd
+        };
+        let (q_rows, kv_rows) = (heads(layout.q, nh), heads(layout.kv, nkv));
+        let mlp_cols = layout.mlp.range(cfg.intermediate_size);
+        let vocab = layout.vocab_range(cfg.vocab_size);
         let m = vb.pp("model");
-        let embed = get(&m.pp("embed_tokens"), (cfg.vocab_size, h), "weight")?;
+        let embed = VocabParallelEmbedding::load(&m.pp("embed_tokens"), cfg.vocab_size, h, vocab.clone(), comm.clone())?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp("layers").pp(i);
             let a = l.pp("self_attn");
             let p = l.pp("mlp");
+            let inter = cfg.intermediate_size;
             layers.push(Layer {
                 attn: Attention {
-                    q: Linear::load(&a.pp("q_proj"), h, nh * hd, true)?,
-                    k: Linear::load(&a.pp("k_proj"), h, nkv * hd, true)?,
-                    v: Linear::load(&a.pp("v_proj"), h, nkv * hd, true)?,
-                    o: Linear::load(&a.pp("o_proj"), nh * hd, h, false)?,
-                    heads: nh,
-                    kv_heads: nkv,
+                    q: ColumnParallelLinear::load(&a.pp("q_proj"), h, nh * hd, true, q_rows.clone())?,
+                    k: ColumnParallelLinear::load(&a.pp("k_proj"), h, nkv * hd, true, kv_rows.clone())?,
+                    v: ColumnParallelLinear::load(&a.pp("v_proj"), h, nkv * hd, true, kv_rows.clone())?,
+                    o: RowParallelLinear::load(&a.pp("o_proj"), nh * hd, h, false, q_rows.clone(), comm.clone())?,
+                    heads: layout.heads,
+                    kv_heads: layout.kv_heads,
                     head_dim: hd,
                 },
                 mlp: Mlp {
-                    gate: Linear::load(&p.pp("gate_proj"), h, cfg.intermediate_size, false)?,
-                    up: Linear::load(&p.pp("up_proj"), h, cfg.intermediate_size, false)?,
-                    down: Linear::load(&p.pp("down_proj"), cfg.intermediate_size, h, false)?,
+                    gate: ColumnParallelLinear::load(&p.pp("gate_proj"), h, inter, false, mlp_cols.clone())?,
+                    up: ColumnParallelLinear::load(&p.pp("up_proj"), h, inter, false, mlp_cols.clone())?,
+                    down: RowParallelLinear::load(&p.pp("down_proj"), inter, h, false, mlp_cols.clone(), comm.clone())?,
                 },
                 input_norm: RmsNorm::load(&l.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
                 post_norm: RmsNorm::load(&l.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
@@ -180,9 +217,9 @@ impl TextModel {
         }
         let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::from_parts(embed.clone(), None)
+            ColumnParallelLinear::from_linear(Linear::from_parts(embed.shard_weight()?, None))
         } else {
-            Linear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false)?
+            ColumnParallelLinear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false, vocab)?
         };
         Ok(Self {
             embed,
@@ -191,9 +228,31 @@ impl TextModel {
             lm_head,
             rope: Rope::new(cfg),
             cfg: cfg.clone(),
+            layout,
+            comm,
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
+    }
+
+    /// The rank's place in its group and the slices it holds.
+    pub fn layout(&self) -> &TpLayout {
+        &self.layout
+    }
+
+    pub fn comm(&self) -> &Arc<dyn Comm> {
+        &self.comm
+    }
+
+    /// The vocabulary ids whose logits this rank's [`SeqOutput::logits`] hold, in order.
+    pub fn vocab_range(&self) -> Range<usize> {
+        self.layout.vocab_range(self.cfg.vocab_size)
+    }
+
+    /// The full-vocabulary logits from every rank's slice (a collective: every rank of the
+    /// group must call it with the same number of rows).
+    pub fn gather_vocab(&self, logits: &Tensor) -> Result<Tensor> {
+        Ok(self.comm.all_gather(logits, 1)?)
     }
 
     pub fn config(&self) -> &DimpleConfig {
@@ -230,7 +289,8 @@ impl TextModel {
         (cos, sin)
     }
 
-    /// Token embeddings `[len, hidden]`; ids outside the vocabulary are an error.
+    /// Token embeddings `[len, hidden]`; ids outside the vocabulary are an error (caught
+    /// before any communication, so every rank of a group fails alike).
     pub fn embed_tokens(&self, ids: &[u32]) -> Result<Tensor> {
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(ModelError::Input(format!(
@@ -238,8 +298,7 @@ impl TextModel {
                 self.cfg.vocab_size
             )));
         }
-        let idx = Tensor::from_slice(ids, ids.len(), &self.device)?;
-        Ok(self.embed.index_select(&idx, 0)?)
+        self.embed.forward(ids)
     }
 
     /// Runs the packed forward pass. With `trace`, the hidden states after the embeddings,
@@ -294,7 +353,7 @@ impl TextModel {
             let a = &layer.attn;
             let h = layer.input_norm.forward(&xs)?;
             let total = h.dims()[0];
-            let heads = |lin: &Linear, n: usize| -> Result<Tensor> {
+            let heads = |lin: &ColumnParallelLinear, n: usize| -> Result<Tensor> {
                 Ok(lin.forward(&h)?.reshape((total, n, a.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
             };
             let q = candle_nn::rotary_emb::rope(&heads(&a.q, a.heads)?, &cos, &sin)?.squeeze(0)?;
@@ -380,7 +439,8 @@ impl TextModel {
         let (_, len, hd) = q.dims3()?;
         let keys = k.dims()[1];
         let group = a.heads / a.kv_heads;
-        // Query heads h use kv head h / group: fold each group into the row dimension.
+        // Query heads h use kv head h / group (local numbering; the layout keeps every
+        // rank's query heads with the kv heads they read): fold each group into the rows.
         let qg = q.reshape((a.kv_heads, group * len, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (qg.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;

@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`, memory-mapped, converted to the dtype chosen at load.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Shape, Tensor};
@@ -60,6 +61,25 @@ pub fn get<S: Into<Shape>>(vb: &VarBuilder, shape: S, name: &str) -> Result<Tens
     }
     vb.get(shape.clone(), name)
         .map_err(|e| ModelError::Weights(format!("tensor `{full}` (expected shape {shape:?}): {e}")))
+}
+
+/// Fetches the slice `range` along `dim` of the checkpoint tensor `name` (whose full shape
+/// is `full`): the shard hint of a tensor-parallel layer. The whole tensor is read and the
+/// slice copied out, so the full tensor lives only for the duration of this call.
+pub fn get_sharded<S: Into<Shape>>(vb: &VarBuilder, full: S, name: &str, dim: usize, range: Range<usize>) -> Result<Tensor> {
+    let full: Shape = full.into();
+    let size = full.dims().get(dim).copied().unwrap_or(0);
+    if range.end > size || range.start > range.end {
+        let path = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
+        return Err(ModelError::Weights(format!(
+            "tensor `{path}`: shard {range:?} of dimension {dim} is outside its shape {full:?}"
+        )));
+    }
+    let t = get(vb, full, name)?;
+    if range.start == 0 && range.end == size {
+        return Ok(t);
+    }
+    Ok(t.narrow(dim, range.start, range.len())?.contiguous()?)
 }
 
 /// A linear layer `y = x W^T (+ b)` with weights named like the checkpoint.

@@ -8,7 +8,11 @@ use candle_core::{DType, Device, Tensor};
 use dimple_model::{DimpleConfig, TextModel, weights};
 
 pub fn golden(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/golden")).join(name)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/golden"
+    ))
+    .join(name)
 }
 
 pub fn load_case(name: &str) -> HashMap<String, Tensor> {
@@ -28,7 +32,12 @@ pub fn text_model() -> TextModel {
 }
 
 pub fn to_f32(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 pub fn to_i64(t: &Tensor) -> Vec<i64> {
@@ -58,7 +67,8 @@ pub fn assert_close(name: &str, got: &[f32], want: &[f32]) {
 
 /// The golden checkpoint as a whole model.
 pub fn full_model() -> dimple_model::DimpleModel {
-    dimple_model::DimpleModel::load(&golden(""), DType::F32, &Device::Cpu).expect("golden model loads")
+    dimple_model::DimpleModel::load(&golden(""), DType::F32, &Device::Cpu)
+        .expect("golden model loads")
 }
 
 /// Pixel values and grids of the default-preprocessed golden images `ks` (1-based), rows

@@ -1,0 +1,199 @@
+//! `dimple generate --router URL`: the same request sent to a running router, with the
+//! denoising shown live from the stream (one step message per forward pass).
+
+use std::io::{IsTerminal, Write};
+
+use anyhow::{Context, bail};
+use dimple_proto::v1;
+use dimple_proto::v1::dimple_client::DimpleClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::generate::{DecodeArgs, GenerateArgs, parse_prior};
+
+/// Builds the public request from the command line.
+pub fn request(args: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
+    let mut images = Vec::new();
+    for path in &args.image {
+        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        images.push(v1::Image { data });
+    }
+    let input = match (&args.input_ids, &args.prompt) {
+        (Some(ids), _) => v1::generate_request::Input::TokenIds(v1::TokenIds {
+            ids: ids.clone(),
+            images,
+        }),
+        (None, Some(text)) => {
+            let mut content: Vec<v1::ContentPart> = images
+                .into_iter()
+                .map(|im| v1::ContentPart {
+                    part: Some(v1::content_part::Part::Image(im)),
+                })
+                .collect();
+            content.push(v1::ContentPart {
+                part: Some(v1::content_part::Part::Text(text.clone())),
+            });
+            v1::generate_request::Input::Chat(v1::Chat {
+                messages: vec![v1::ChatMessage {
+                    role: "user".into(),
+                    content,
+                }],
+            })
+        }
+        (None, None) => bail!("give a prompt or --input-ids"),
+    };
+    let prior = match (&args.prior_template, &args.decode.prior) {
+        (Some(t), _) => Some(v1::StructurePrior {
+            prior: Some(v1::structure_prior::Prior::Template(v1::TemplatePrior {
+                template: t.clone(),
+                mask_placeholder: String::new(),
+            })),
+        }),
+        (None, Some(p)) => {
+            let fixed = parse_prior(Some(p))?;
+            Some(v1::StructurePrior {
+                prior: Some(v1::structure_prior::Prior::Fixed(v1::FixedTokens {
+                    tokens: fixed
+                        .fixed
+                        .iter()
+                        .map(|&(p, t)| v1::FixedToken {
+                            position: p as u32,
+                            token_id: t,
+                        })
+                        .collect(),
+                })),
+            })
+        }
+        (None, None) => None,
+    };
+    Ok(v1::GenerateRequest {
+        input: Some(input),
+        params: Some(params(&args.decode)),
+        prior,
+        stream: Some(v1::StreamOptions {
+            include_canvas: true,
+            mask_placeholder: "_".into(),
+        }),
+        request_id: String::new(),
+    })
+}
+
+/// Unset flags stay unset, so the server's defaults (the model's generation config) apply.
+fn params(d: &DecodeArgs) -> v1::DecodeParams {
+    v1::DecodeParams {
+        max_new_tokens: d.max_new_tokens.map(|n| n as u32),
+        steps: d.steps.map(|n| n as u32),
+        threshold: d.threshold,
+        alg: d.alg.clone(),
+        pipeline: d.pipeline.clone(),
+        temperature: Some(d.temperature),
+        top_p: d.top_p,
+        top_k: d.top_k.map(|k| k as u32),
+        alg_temp: d.alg_temp,
+        use_original_confidence: Some(!d.no_original_confidence),
+        seed: Some(d.seed),
+        use_cache: Some(d.cache),
+    }
+}
+
+async fn connect(url: &str, ca_cert: Option<&std::path::Path>) -> anyhow::Result<Channel> {
+    let mut endpoint =
+        Endpoint::from_shared(url.to_owned()).with_context(|| format!("`--router` {url:?}"))?;
+    if url.starts_with("https://") {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(path) = ca_cert {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("reading `--ca-cert` {}", path.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the router at {url}"))
+}
+
+pub fn run(args: &GenerateArgs, url: &str) -> anyhow::Result<()> {
+    let request = request(args)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let channel = connect(url, args.ca_cert.as_deref()).await?;
+        let mut client = DimpleClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let mut req = tonic::Request::new(request);
+        if let Some(key) = &args.api_key {
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {key}").parse().context("`--api-key`")?,
+            );
+        }
+        let mut stream = client
+            .generate_stream(req)
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let live = !args.json && std::io::stderr().is_terminal();
+        let mut row: Vec<u32> = Vec::new();
+        let mut history = Vec::new();
+        let finished = loop {
+            let Some(msg) = stream.message().await.map_err(status_error)? else {
+                bail!("the router ended the stream without a final answer");
+            };
+            match msg.event {
+                Some(v1::generate_stream_response::Event::Started(s)) => row = s.initial_ids,
+                Some(v1::generate_stream_response::Event::Step(step)) => {
+                    for c in &step.committed {
+                        if let Some(slot) = row.get_mut(c.position as usize) {
+                            *slot = c.token_id;
+                        }
+                    }
+                    history.push(row.clone());
+                    if live && let Some(canvas) = &step.canvas {
+                        eprint!(
+                            "\r\x1b[Kstep {:>3}  {}",
+                            history.len(),
+                            canvas.replace('\n', " ")
+                        );
+                        let _ = std::io::stderr().flush();
+                    }
+                }
+                Some(v1::generate_stream_response::Event::Final(f)) => break f,
+                None => {}
+            }
+        };
+        if live {
+            eprintln!();
+        }
+        let reason = match v1::FinishReason::try_from(finished.finish_reason) {
+            Ok(v1::FinishReason::Completed) => "completed",
+            Ok(v1::FinishReason::StepLimit) => "step_limit",
+            _ => "unspecified",
+        };
+        if args.json {
+            let out = serde_json::json!({
+                "response_ids": finished.token_ids,
+                "steps": finished.steps,
+                "history": history,
+                "finish_reason": reason,
+                "text": finished.text,
+            });
+            println!("{out}");
+        } else {
+            println!("{}", finished.text);
+            eprintln!(
+                "[{} forward passes for {} response slots, {}; via {url}]",
+                finished.steps,
+                finished.token_ids.len(),
+                reason
+            );
+        }
+        Ok(())
+    })
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("the router answered {:?}: {}", s.code(), s.message())
+}

@@ -1,0 +1,119 @@
+//! `dimple router`: the public gRPC service in front of workers found in etcd or listed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use dimple_proto::discovery::DEFAULT_PREFIX;
+use dimple_router::{ApiKeys, Discovery, Router, RouterConfig, TlsIdentity};
+use prometheus::Registry;
+
+use crate::model_source::ModelSource;
+use crate::serving::{self, Shutdown};
+
+#[derive(Args, Debug)]
+pub struct RouterArgs {
+    /// Address of the public gRPC service.
+    #[arg(long, default_value = "0.0.0.0:50051", env = "DIMPLE_LISTEN")]
+    pub listen: SocketAddr,
+    /// Address of the HTTP `/metrics` endpoint.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "DIMPLE_METRICS_LISTEN")]
+    pub metrics_listen: SocketAddr,
+    /// Model directory: only tokenizer.json, the chat template and preprocessor_config.json
+    /// are read. The built-in demo tokenizer when absent.
+    #[arg(long, env = "DIMPLE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Static worker list (`HOST:PORT,...`), used when no etcd endpoints are given.
+    #[arg(long, value_delimiter = ',', env = "DIMPLE_WORKERS")]
+    pub workers: Vec<String>,
+    /// etcd endpoints (`http://host:port`, comma-separated) to discover workers.
+    #[arg(long, value_delimiter = ',', env = "DIMPLE_ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix under which workers register.
+    #[arg(long, default_value = DEFAULT_PREFIX, env = "DIMPLE_ETCD_PREFIX")]
+    pub etcd_prefix: String,
+    /// Server certificate chain (PEM); with `--tls-key`, serves TLS.
+    #[arg(long, env = "DIMPLE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "DIMPLE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// One API key per line; when set, every public call needs `authorization: Bearer <key>`.
+    #[arg(long, env = "DIMPLE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Upper bound of every request's deadline.
+    #[arg(long, default_value_t = 300, env = "DIMPLE_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: u64,
+    /// Largest gRPC message, in and out.
+    #[arg(long, default_value_t = 64 << 20, env = "DIMPLE_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: usize,
+    /// Running requests get this long to finish after SIGTERM.
+    #[arg(long, default_value_t = 30, env = "DIMPLE_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: u64,
+}
+
+pub fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let source = ModelSource(args.model.clone());
+    let prompt = source.prompt_builder()?;
+    let discovery = if !args.etcd_endpoints.is_empty() {
+        Discovery::Etcd {
+            endpoints: args.etcd_endpoints.clone(),
+            prefix: args.etcd_prefix.clone(),
+        }
+    } else if !args.workers.is_empty() {
+        Discovery::Static(args.workers.clone())
+    } else {
+        bail!("give `--workers HOST:PORT,...` or `--etcd-endpoints URL,...`");
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsIdentity {
+            cert_pem: std::fs::read(cert)
+                .with_context(|| format!("reading `--tls-cert` {}", cert.display()))?,
+            key_pem: std::fs::read(key)
+                .with_context(|| format!("reading `--tls-key` {}", key.display()))?,
+        }),
+        _ => None,
+    };
+    let api_keys = match &args.api_keys_file {
+        Some(path) => {
+            let keys = ApiKeys::from_file(path)
+                .with_context(|| format!("reading `--api-keys-file` {}", path.display()))?;
+            if keys.is_empty() {
+                bail!("`--api-keys-file` {} holds no key", path.display());
+            }
+            keys
+        }
+        None => ApiKeys::default(),
+    };
+    let cfg = RouterConfig {
+        discovery,
+        request_timeout: Duration::from_secs(args.request_timeout_secs),
+        max_message_bytes: args.max_message_bytes,
+        api_keys,
+        tls,
+        images: serving::image_limits(&source.preprocess_config()?),
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        ..RouterConfig::default()
+    };
+    let registry = Registry::new();
+    let router = Router::new(prompt, cfg, &registry)?;
+    serving::block_on(async move {
+        let shutdown = Shutdown::on_signals();
+        serving::spawn_metrics(
+            args.metrics_listen,
+            serving::renderer(registry, router.metrics_refresher()),
+            &shutdown,
+        )
+        .await?;
+        let listener = serving::bind(args.listen, "--listen").await?;
+        eprintln!(
+            "dimple router: listening on {} (metrics on {})",
+            listener.local_addr()?,
+            args.metrics_listen
+        );
+        dimple_router::serve(listener, router, shutdown.wait()).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,85 @@
+//! `dimple serve`: router and one worker in one process — the embedded default for one
+//! machine (built-in demo model unless `--model`). The worker listens on an ephemeral
+//! loopback port that only the router dials; one `/metrics` endpoint shows both.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use dimple_router::{Discovery, Router, RouterConfig};
+use dimple_worker::ServeOptions;
+use prometheus::Registry;
+
+use crate::generate::RankArgs;
+use crate::model_source::ModelSource;
+use crate::serving::{self, EngineArgs, Shutdown};
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address of the public gRPC service.
+    #[arg(long, default_value = "127.0.0.1:50051", env = "DIMPLE_LISTEN")]
+    pub listen: SocketAddr,
+    /// Address of the HTTP `/metrics` endpoint.
+    #[arg(long, default_value = "127.0.0.1:9090", env = "DIMPLE_METRICS_LISTEN")]
+    pub metrics_listen: SocketAddr,
+    /// Checkpoint directory; the built-in demo model when absent.
+    #[arg(long, env = "DIMPLE_MODEL")]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub ranks: RankArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let source = ModelSource(args.model.clone());
+    let registry = Registry::new();
+    let worker = serving::start_worker(&source, &args.ranks, &args.engine, &registry)?;
+    let prompt = source.prompt_builder()?;
+    let images = serving::image_limits(&source.preprocess_config()?);
+    serving::block_on(async move {
+        let shutdown = Shutdown::on_signals();
+        let worker_listener =
+            serving::bind(SocketAddr::from(([127, 0, 0, 1], 0)), "worker (internal)").await?;
+        let worker_addr = worker_listener.local_addr()?;
+        let cfg = RouterConfig {
+            discovery: Discovery::Static(vec![worker_addr.to_string()]),
+            images,
+            ..RouterConfig::default()
+        };
+        let router = Router::new(prompt, cfg, &registry)?;
+        let refresh = {
+            let w = worker.clone();
+            let r = router.metrics_refresher();
+            move || {
+                w.refresh_metrics();
+                r();
+            }
+        };
+        serving::spawn_metrics(
+            args.metrics_listen,
+            serving::renderer(registry, refresh),
+            &shutdown,
+        )
+        .await?;
+        let listener = serving::bind(args.listen, "--listen").await?;
+        eprintln!(
+            "dimple serve: {} on {} (metrics on http://{}/metrics)",
+            source.name(),
+            listener.local_addr()?,
+            args.metrics_listen
+        );
+        let worker_task = tokio::spawn(dimple_worker::serve(
+            worker_listener,
+            worker,
+            ServeOptions {
+                advertise_addr: worker_addr.to_string(),
+                ..ServeOptions::default()
+            },
+            shutdown.wait(),
+        ));
+        dimple_router::serve(listener, router, shutdown.wait()).await?;
+        worker_task.await??;
+        Ok(())
+    })
+}

@@ -1,0 +1,188 @@
+//! What `serve`, `router` and `worker` share: the engine-limit flags, worker setup from a
+//! model source, the shutdown signal (SIGTERM or Ctrl-C), the `/metrics` endpoint, and the
+//! tokio runtime.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use dimple_core::image_size::ImageSizeParams;
+use dimple_core::params::DecodeLimits;
+use dimple_engine::EngineConfig;
+use dimple_model::Checkpoint;
+use dimple_model::preprocess::PreprocessConfig;
+use dimple_proto::telemetry::{Render, serve_metrics};
+use dimple_router::validate::ImageLimits;
+use dimple_worker::{Worker, WorkerConfig};
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::generate::RankArgs;
+use crate::model_source::ModelSource;
+
+/// Engine limits of a worker.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Sequences decoded together at most.
+    #[arg(long, default_value_t = EngineConfig::default().max_active, env = "DIMPLE_MAX_ACTIVE")]
+    pub max_active: usize,
+    /// Requests waiting for admission at most; beyond, RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = EngineConfig::default().max_waiting, env = "DIMPLE_MAX_WAITING")]
+    pub max_waiting: usize,
+    /// Bytes of prompt K/V cache that cached-mode requests may hold together.
+    #[arg(long, default_value_t = EngineConfig::default().cache_budget_bytes, env = "DIMPLE_CACHE_BUDGET_BYTES")]
+    pub cache_budget_bytes: usize,
+    /// Largest `max_new_tokens` a request may ask for.
+    #[arg(long, default_value_t = DecodeLimits::default().max_new_tokens, env = "DIMPLE_MAX_NEW_TOKENS_LIMIT")]
+    pub max_new_tokens_limit: usize,
+    /// Largest `steps` a request may ask for.
+    #[arg(long, default_value_t = DecodeLimits::default().max_steps, env = "DIMPLE_MAX_STEPS_LIMIT")]
+    pub max_steps_limit: usize,
+    /// Prompt tokens (image tokens included) at most.
+    #[arg(long, default_value_t = EngineConfig::default().max_prompt_tokens, env = "DIMPLE_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: usize,
+}
+
+impl EngineArgs {
+    pub fn config(&self) -> EngineConfig {
+        EngineConfig {
+            max_active: self.max_active,
+            max_waiting: self.max_waiting,
+            cache_budget_bytes: self.cache_budget_bytes,
+            limits: DecodeLimits {
+                max_new_tokens: self.max_new_tokens_limit,
+                max_steps: self.max_steps_limit,
+            },
+            max_prompt_tokens: self.max_prompt_tokens,
+            ..EngineConfig::default()
+        }
+    }
+}
+
+/// Loads the model of `source` on the ranks of `ranks` and starts a worker over it.
+pub fn start_worker(
+    source: &ModelSource,
+    ranks: &RankArgs,
+    engine: &EngineArgs,
+    registry: &Registry,
+) -> anyhow::Result<Worker> {
+    let checkpoint = match &source.0 {
+        Some(dir) => Checkpoint::Dir(dir.clone()),
+        None => Checkpoint::Builtin,
+    };
+    let cfg = WorkerConfig {
+        model_name: source.name(),
+        default_max_new_tokens: crate::generate::default_response_len(source),
+        preprocess: source.preprocess_config()?,
+        tp: ranks.tp,
+    };
+    Worker::start_group(&checkpoint, ranks.group()?, engine.config(), cfg, registry).with_context(
+        || {
+            format!(
+                "starting the engine for {} on {} rank(s)",
+                source.name(),
+                ranks.tp
+            )
+        },
+    )
+}
+
+/// The router's image limits from a preprocessor config (the same rule the worker applies).
+pub fn image_limits(pre: &PreprocessConfig) -> ImageLimits {
+    ImageLimits {
+        size: ImageSizeParams {
+            patch_size: pre.patch_size,
+            merge_size: pre.merge_size,
+            temporal_patch_size: pre.temporal_patch_size,
+            min_pixels: pre.min_pixels,
+            max_pixels: pre.max_pixels,
+        },
+        max_pixels: pre.max_decoded_pixels,
+    }
+}
+
+/// A shutdown signal shared by several servers: set once on SIGTERM or Ctrl-C.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    /// Listens for SIGTERM and Ctrl-C (must run inside the runtime).
+    pub fn on_signals() -> Self {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received");
+            let _ = tx.send(true);
+        });
+        Self(rx)
+    }
+
+    /// Completes when the signal has come.
+    pub fn wait(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.0.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Binds `addr`, naming the flag in the error.
+pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding `{flag}` {addr}"))
+}
+
+/// Serves `/metrics` in the background until the shutdown signal.
+pub async fn spawn_metrics(
+    addr: SocketAddr,
+    render: Render,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let listener = bind(addr, "--metrics-listen").await?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
+    tokio::spawn(serve_metrics(listener, render, shutdown.wait()));
+    Ok(())
+}
+
+/// A renderer of `registry` that runs `refresh` first (gauges read at scrape time).
+pub fn renderer(registry: Registry, refresh: impl Fn() + Send + Sync + 'static) -> Render {
+    Arc::new(move || {
+        refresh();
+        dimple_proto::telemetry::render_registry(&registry)
+    })
+}
+
+/// Runs `fut` on a multi-threaded tokio runtime (model work runs on its own threads).
+pub fn block_on<T>(fut: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(fut)
+}

@@ -1,0 +1,94 @@
+//! `dimple worker`: one tensor-parallel group serving the internal worker gRPC service,
+//! registered in etcd when endpoints are given.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use dimple_proto::discovery::DEFAULT_PREFIX;
+use dimple_worker::{EtcdConfig, ServeOptions};
+use prometheus::Registry;
+
+use crate::generate::RankArgs;
+use crate::model_source::ModelSource;
+use crate::serving::{self, EngineArgs, Shutdown};
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Address of the worker gRPC service.
+    #[arg(long, default_value = "0.0.0.0:50061", env = "DIMPLE_LISTEN")]
+    pub listen: SocketAddr,
+    /// `HOST:PORT` that routers dial, registered in etcd. Default: the listen address.
+    #[arg(long, env = "DIMPLE_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Address of the HTTP `/metrics` endpoint.
+    #[arg(long, default_value = "0.0.0.0:9091", env = "DIMPLE_METRICS_LISTEN")]
+    pub metrics_listen: SocketAddr,
+    /// Checkpoint directory; the built-in demo model when absent.
+    #[arg(long, env = "DIMPLE_MODEL")]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub ranks: RankArgs,
+    /// etcd endpoints (`http://host:port`, comma-separated). No registration when absent.
+    #[arg(long, value_delimiter = ',', env = "DIMPLE_ETCD_ENDPOINTS")]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix under which workers register.
+    #[arg(long, default_value = DEFAULT_PREFIX, env = "DIMPLE_ETCD_PREFIX")]
+    pub etcd_prefix: String,
+    /// Lease TTL: how long a worker that died stays registered at most.
+    #[arg(long, default_value_t = 10, env = "DIMPLE_LEASE_TTL_SECS")]
+    pub lease_ttl_secs: u64,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Running requests get this long to finish after SIGTERM.
+    #[arg(long, default_value_t = 30, env = "DIMPLE_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: u64,
+    /// Largest request message accepted.
+    #[arg(long, default_value_t = 64 << 20, env = "DIMPLE_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: usize,
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let source = ModelSource(args.model.clone());
+    let registry = Registry::new();
+    // The model loads before the runtime starts: it is blocking work.
+    let worker = serving::start_worker(&source, &args.ranks, &args.engine, &registry)?;
+    serving::block_on(async move {
+        let shutdown = Shutdown::on_signals();
+        let refresh = {
+            let w = worker.clone();
+            move || w.refresh_metrics()
+        };
+        serving::spawn_metrics(
+            args.metrics_listen,
+            serving::renderer(registry, refresh),
+            &shutdown,
+        )
+        .await?;
+        let listener = serving::bind(args.listen, "--listen").await?;
+        let advertise_addr = args
+            .advertise_addr
+            .clone()
+            .unwrap_or_else(|| args.listen.to_string());
+        let etcd = (!args.etcd_endpoints.is_empty()).then(|| EtcdConfig {
+            endpoints: args.etcd_endpoints.clone(),
+            prefix: args.etcd_prefix.clone(),
+            lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+        });
+        let opts = ServeOptions {
+            etcd,
+            advertise_addr,
+            drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+            max_message_bytes: args.max_message_bytes,
+        };
+        eprintln!(
+            "dimple worker: {} on {} (metrics on {})",
+            source.name(),
+            listener.local_addr()?,
+            args.metrics_listen
+        );
+        dimple_worker::serve(listener, worker, opts, shutdown.wait()).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,251 @@
+//! Discovery through a real etcd: workers that start are used, workers that stop (or die and
+//! let their lease expire) are dropped, and a router keeps routing when etcd goes away.
+//!
+//! `DIMPLE_TEST_ETCD` must name a running etcd (`.ci/run` starts one on 127.0.0.1:2379);
+//! these tests fail, never skip, without it. The etcd-going-away test starts its own etcd
+//! (binary from `DIMPLE_TEST_ETCD_BIN`, default `etcd` in PATH) so that it can kill it.
+
+mod cluster_support;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cluster_support::*;
+use dimple_proto::discovery::WorkerRecord;
+use dimple_router::Discovery;
+use dimple_worker::EtcdConfig;
+use tonic::Code;
+
+fn unique_prefix(test: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("/dimple-test/{test}-{}-{nanos}/", std::process::id())
+}
+
+/// The shared test etcd, checked to answer.
+async fn test_etcd() -> String {
+    let endpoint = std::env::var("DIMPLE_TEST_ETCD").unwrap_or_else(|_| {
+        panic!(
+            "DIMPLE_TEST_ETCD is not set: these tests need a running etcd, e.g. \
+             `etcd --data-dir $(mktemp -d) --listen-client-urls http://127.0.0.1:2379 \
+             --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 &` \
+             and DIMPLE_TEST_ETCD=http://127.0.0.1:2379"
+        )
+    });
+    if let Err(e) = reachable(&endpoint, Duration::from_secs(5)).await {
+        panic!("DIMPLE_TEST_ETCD={endpoint} does not answer: {e}");
+    }
+    endpoint
+}
+
+async fn reachable(endpoint: &str, within: Duration) -> Result<(), String> {
+    let t = Instant::now();
+    loop {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_secs(1));
+        let r = async {
+            let mut c = etcd_client::Client::connect([endpoint], Some(opts)).await?;
+            c.get("/dimple-test/ping", None).await
+        }
+        .await;
+        match r {
+            Ok(_) => return Ok(()),
+            Err(e) if t.elapsed() > within => return Err(e.to_string()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn etcd_cfg(endpoint: &str, prefix: &str) -> EtcdConfig {
+    EtcdConfig {
+        endpoints: vec![endpoint.to_owned()],
+        prefix: prefix.to_owned(),
+        lease_ttl: Duration::from_secs(2),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_that_start_are_used_and_workers_that_stop_are_dropped() {
+    let endpoint = test_etcd().await;
+    let prefix = unique_prefix("discovery");
+    let router = RouterProc::start(router_config(Discovery::Etcd {
+        endpoints: vec![endpoint.clone()],
+        prefix: prefix.clone(),
+    }))
+    .await;
+    let mut client = router.client().await;
+    assert_eq!(
+        client.generate(small_request(4)).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+
+    let mut w1 = WorkerProc::start(engine_config(), Some(etcd_cfg(&endpoint, &prefix)));
+    router
+        .wait_for_workers(&[w1.addr], Duration::from_secs(5))
+        .await;
+    client
+        .generate(small_request(4))
+        .await
+        .expect("the registered worker serves");
+
+    // The registration is the documented JSON record under `<prefix><address>`.
+    let mut etcd = etcd_client::Client::connect([endpoint.as_str()], None)
+        .await
+        .unwrap();
+    let got = etcd
+        .get(format!("{prefix}{}", w1.addr), None)
+        .await
+        .unwrap();
+    let record = WorkerRecord::from_json(got.kvs()[0].value()).unwrap();
+    assert_eq!(record.addr, w1.addr.to_string());
+    assert_eq!(record.capacity.max_waiting, engine_config().max_waiting);
+    assert!(got.kvs()[0].lease() != 0, "the key lives under a lease");
+
+    let mut w2 = WorkerProc::start(engine_config(), Some(etcd_cfg(&endpoint, &prefix)));
+    router
+        .wait_for_workers(&[w1.addr, w2.addr], Duration::from_secs(5))
+        .await;
+
+    // A graceful stop revokes the lease: dropped at once.
+    let t = Instant::now();
+    w1.stop().await;
+    router
+        .wait_for_workers(&[w2.addr], Duration::from_secs(2))
+        .await;
+    println!("stopped worker dropped after {:?}", t.elapsed());
+    client
+        .generate(small_request(4))
+        .await
+        .expect("the remaining worker serves");
+
+    // A killed worker cannot deregister: dropped when its 2 s lease expires.
+    let t = Instant::now();
+    w2.kill();
+    router.wait_for_workers(&[], Duration::from_secs(8)).await;
+    println!(
+        "killed worker dropped after {:?} (lease TTL 2 s)",
+        t.elapsed()
+    );
+    assert_eq!(
+        client.generate(small_request(4)).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    assert!(
+        etcd.get(
+            prefix.as_str(),
+            Some(etcd_client::GetOptions::new().with_prefix())
+        )
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty()
+    );
+}
+
+/// An etcd process this test owns; killed on drop.
+struct OwnEtcd {
+    child: Child,
+    endpoint: String,
+    dir: std::path::PathBuf,
+}
+
+impl OwnEtcd {
+    fn start() -> Self {
+        let bin = std::env::var("DIMPLE_TEST_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (client, peer) = (port(), port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let dir = std::env::temp_dir().join(unique_prefix("etcd").replace('/', "_"));
+        let child = Command::new(&bin)
+            .args(["--data-dir", &dir.to_string_lossy()])
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("default=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start etcd `{bin}` (set DIMPLE_TEST_ETCD_BIN): {e}")
+            });
+        Self {
+            child,
+            endpoint,
+            dir,
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnEtcd {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_still_routed_when_etcd_goes_away() {
+    let mut etcd = OwnEtcd::start();
+    reachable(&etcd.endpoint, Duration::from_secs(15))
+        .await
+        .expect("own etcd starts");
+    let prefix = unique_prefix("outage");
+    let worker = WorkerProc::start(engine_config(), Some(etcd_cfg(&etcd.endpoint, &prefix)));
+    let router = RouterProc::start(router_config(Discovery::Etcd {
+        endpoints: vec![etcd.endpoint.clone()],
+        prefix: prefix.clone(),
+    }))
+    .await;
+    router
+        .wait_for_workers(&[worker.addr], Duration::from_secs(5))
+        .await;
+    etcd.kill();
+    let mut client = router.client().await;
+    // Longer than the lease TTL: without etcd nothing expires, and the last set stays.
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut answered = 0;
+    while Instant::now() < until {
+        let r = client
+            .generate(small_request(4))
+            .await
+            .expect("routed with etcd down")
+            .into_inner();
+        assert_eq!(r.token_ids.len(), 4);
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered >= 10);
+    let known: Vec<SocketAddr> = router
+        .pool
+        .addrs()
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+    assert_eq!(known, vec![worker.addr]);
+}

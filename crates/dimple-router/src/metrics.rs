@@ -1,0 +1,118 @@
+//! The router's metrics (names in `dimple_proto::telemetry::names`).
+
+use dimple_proto::telemetry::{COUNT_BUCKETS, LATENCY_BUCKETS, OUTCOMES, names};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Values of the `rpc` label.
+pub const RPCS: [&str; 4] = ["generate", "generate_stream", "tokenize", "get_model_info"];
+
+pub struct RouterMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    queue: Histogram,
+    first_commit: Histogram,
+    steps: Histogram,
+    retries: IntCounter,
+    workers: IntGauge,
+    inflight: IntGauge,
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> prometheus::Result<Histogram> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl RouterMetrics {
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                names::ROUTER_REQUESTS,
+                "Requests answered, by rpc and outcome.",
+            ),
+            &["rpc", "outcome"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        for rpc in RPCS {
+            for o in OUTCOMES {
+                requests.with_label_values(&[rpc, o]);
+            }
+        }
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                names::ROUTER_REQUEST_DURATION,
+                "Request latency from arrival to answer.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["rpc"],
+        )?;
+        registry.register(Box::new(duration.clone()))?;
+        let retries = IntCounter::new(
+            names::ROUTER_RETRIES,
+            "Attempts on another worker after a failure.",
+        )?;
+        registry.register(Box::new(retries.clone()))?;
+        let workers = IntGauge::new(names::ROUTER_WORKERS, "Workers known.")?;
+        registry.register(Box::new(workers.clone()))?;
+        let inflight = IntGauge::new(names::ROUTER_INFLIGHT, "Generation requests being served.")?;
+        registry.register(Box::new(inflight.clone()))?;
+        Ok(Self {
+            requests,
+            duration,
+            queue: histogram(
+                registry,
+                names::ROUTER_QUEUE_DURATION,
+                "Wait for admission on the worker.",
+                &LATENCY_BUCKETS,
+            )?,
+            first_commit: histogram(
+                registry,
+                names::ROUTER_FIRST_COMMIT_DURATION,
+                "Time to the first committed slot, on the worker.",
+                &LATENCY_BUCKETS,
+            )?,
+            steps: histogram(
+                registry,
+                names::ROUTER_REQUEST_STEPS,
+                "Forward passes per request (NFE).",
+                &COUNT_BUCKETS,
+            )?,
+            retries,
+            workers,
+            inflight,
+        })
+    }
+
+    pub fn observe_request(&self, rpc: &str, outcome: &str, seconds: f64) {
+        self.requests.with_label_values(&[rpc, outcome]).inc();
+        self.duration.with_label_values(&[rpc]).observe(seconds);
+    }
+
+    /// Worker-side timings of a finished request.
+    pub fn observe_finished(&self, queue_ms: f64, first_commit_ms: Option<f64>, steps: u32) {
+        self.queue.observe(queue_ms / 1e3);
+        if let Some(ms) = first_commit_ms {
+            self.first_commit.observe(ms / 1e3);
+        }
+        self.steps.observe(f64::from(steps));
+    }
+
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
+
+    pub fn set_workers(&self, n: usize) {
+        self.workers.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn inflight(&self) -> &IntGauge {
+        &self.inflight
+    }
+}

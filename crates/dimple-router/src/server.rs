@@ -1,0 +1,200 @@
+//! [`serve`]: the router's gRPC server on a bound listener (mini-redis style): the public
+//! service (optionally behind API keys and TLS), `grpc.health.v1`, reflection, worker
+//! discovery and load polling, and a graceful drain when `shutdown` completes (NOT_SERVING,
+//! no new connections, running requests finish within `drain_timeout`).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dimple_proto::v1::dimple_server::DimpleServer;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+use crate::RouterError;
+use crate::auth::ApiKeys;
+use crate::discovery::{self, Discovery};
+use crate::metrics::RouterMetrics;
+use crate::pool::{ChannelOptions, WorkerPool};
+use crate::prompt::PromptBuilder;
+use crate::service::{RouterService, RouterState, ServiceLimits};
+use crate::validate::{ImageLimits, Validator};
+
+/// PEM files of the server's certificate chain and private key.
+#[derive(Debug, Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+/// Everything the router needs besides the tokenizer.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub discovery: Discovery,
+    /// Upper bound of every request's deadline.
+    pub request_timeout: Duration,
+    /// Largest message accepted from clients and exchanged with workers.
+    pub max_message_bytes: usize,
+    pub api_keys: ApiKeys,
+    pub tls: Option<TlsIdentity>,
+    pub images: ImageLimits,
+    /// How often workers' load is polled.
+    pub poll_interval: Duration,
+    /// Running requests get this long to finish after shutdown begins.
+    pub drain_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            discovery: Discovery::Static(Vec::new()),
+            request_timeout: Duration::from_secs(300),
+            max_message_bytes: 64 << 20,
+            api_keys: ApiKeys::default(),
+            tls: None,
+            images: ImageLimits::default(),
+            poll_interval: Duration::from_secs(1),
+            drain_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The public gRPC service name.
+pub const SERVICE_NAME: &str = <DimpleServer<RouterService> as tonic::server::NamedService>::NAME;
+
+/// A configured router, ready to serve.
+pub struct Router {
+    state: Arc<RouterState>,
+    cfg: RouterConfig,
+}
+
+impl Router {
+    /// Builds the router; its metrics are registered in `registry`.
+    pub fn new(
+        prompt: PromptBuilder,
+        cfg: RouterConfig,
+        registry: &Registry,
+    ) -> Result<Self, RouterError> {
+        let metrics = RouterMetrics::new(registry)
+            .map_err(|e| RouterError::Setup(format!("metrics: {e}")))?;
+        let pool = WorkerPool::new(ChannelOptions {
+            connect_timeout: cfg.connect_timeout,
+            max_message_bytes: cfg.max_message_bytes,
+        });
+        let validator = Validator::new(Arc::new(prompt), cfg.images);
+        let limits = ServiceLimits {
+            request_timeout: cfg.request_timeout,
+            max_message_bytes: cfg.max_message_bytes,
+        };
+        Ok(Self {
+            state: Arc::new(RouterState::new(pool, validator, metrics, limits)),
+            cfg,
+        })
+    }
+
+    pub fn pool(&self) -> &WorkerPool {
+        &self.state.pool
+    }
+
+    /// A handle that refreshes the router's gauges; call before rendering the registry.
+    pub fn metrics_refresher(&self) -> impl Fn() + Send + Sync + 'static {
+        let state = self.state.clone();
+        move || state.metrics.set_workers(state.pool.len())
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let Router { state, cfg } = router;
+    let local = listener
+        .local_addr()
+        .map_err(|e| RouterError::Setup(format!("listener address: {e}")))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(discovery::run(
+        cfg.discovery.clone(),
+        state.pool.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(state.pool.clone().run_poller(cfg.poll_interval, stop_rx));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(dimple_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // The descriptor set also holds the internal worker service, which is not served here.
+            .with_service_name(SERVICE_NAME)
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| RouterError::Setup(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| RouterError::Setup(format!("reflection: {e}")))?;
+
+    let keys = cfg.api_keys.clone();
+    let public = DimpleServer::new(RouterService::new(state.clone()))
+        .max_decoding_message_size(cfg.max_message_bytes)
+        .max_encoding_message_size(cfg.max_message_bytes);
+    let public = InterceptedService::new(public, move |req| keys.check(req));
+
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = &cfg.tls {
+        let identity = Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(identity))
+            .map_err(|e| RouterError::Setup(format!("TLS: {e}")))?;
+    }
+    tracing::info!(%local, tls = cfg.tls.is_some(), api_keys = !cfg.api_keys.is_empty(), "router serving");
+
+    let drain_started = Arc::new(Notify::new());
+    let signal = {
+        let health = health.clone();
+        let drain_started = drain_started.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("router draining");
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                .await;
+            drain_started.notify_one();
+        }
+    };
+    let server = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(public)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let drain_timeout = cfg.drain_timeout;
+    let result = tokio::select! {
+        r = server => r.map_err(|e| RouterError::Setup(format!("gRPC server: {e}"))),
+        _ = async { drain_started.notified().await; tokio::time::sleep(drain_timeout).await } => {
+            tracing::warn!(timeout = ?drain_timeout, "drain timed out; dropping running requests");
+            Ok(())
+        }
+    };
+    let _ = stop_tx.send(true);
+    result
+}

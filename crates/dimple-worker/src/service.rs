@@ -1,0 +1,231 @@
+//! The `dimple.worker.v1.Worker` gRPC service.
+//!
+//! `Generate` preprocesses the images (on the blocking pool, never on a tokio worker),
+//! submits the request to the engine with the caller's deadline (from `grpc-timeout`) and
+//! streams the engine's events. The response stream owns the engine's event receiver: when
+//! the caller goes away, tonic drops the stream, the receiver closes and the engine cancels
+//! the request and frees its cache at its next step.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use dimple_core::params::{DecodeParams, FinishReason};
+use dimple_engine::{EngineEvent, EngineImage, GenerateRequest};
+use dimple_model::preprocess::preprocess_image;
+use dimple_proto::convert::sat_u32;
+use dimple_proto::deadline::grpc_timeout;
+use dimple_proto::telemetry::outcome;
+use dimple_proto::worker as pb;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::{Worker, WorkerError};
+
+/// The gRPC face of a [`Worker`].
+pub struct WorkerService {
+    worker: Worker,
+}
+
+impl WorkerService {
+    pub fn new(worker: Worker) -> Self {
+        Self { worker }
+    }
+
+    async fn submit(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<UnboundedReceiver<EngineEvent>, Status> {
+        let received = Instant::now();
+        if self.worker.is_draining() {
+            return Err(WorkerError::Draining.into());
+        }
+        let timeout = grpc_timeout(request.metadata());
+        let req = request.into_inner();
+        let params = DecodeParams::try_from(req.params.ok_or(WorkerError::MissingParams)?)
+            .map_err(WorkerError::from)?;
+        let images = self.preprocess(req.images).await?;
+        tracing::debug!(request_id = %req.request_id, prompt = req.prompt_ids.len(), "submitting");
+        let rx = self
+            .worker
+            .shared
+            .engine
+            .submit(GenerateRequest {
+                prompt_ids: req.prompt_ids,
+                images,
+                params,
+                deadline: timeout.map(|t| received + t),
+            })
+            .map_err(WorkerError::from)?;
+        Ok(rx)
+    }
+
+    async fn preprocess(&self, images: Vec<Vec<u8>>) -> Result<Vec<EngineImage>, WorkerError> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shared = self.worker.shared.clone();
+        let job = move || {
+            let mut out = Vec::with_capacity(images.len());
+            for (index, bytes) in images.iter().enumerate() {
+                let started = Instant::now();
+                let im = preprocess_image(bytes, &shared.preprocess).map_err(|e| {
+                    WorkerError::Image {
+                        index,
+                        message: e.to_string(),
+                    }
+                })?;
+                shared
+                    .metrics
+                    .observe_preprocess(started.elapsed().as_secs_f64());
+                out.push(EngineImage::from(im));
+            }
+            Ok(out)
+        };
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| WorkerError::Internal(format!("image preprocessing: {e}")))?
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    type GenerateStream = EventStream;
+
+    #[tracing::instrument(skip_all, fields(request_id = %request.get_ref().request_id))]
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let mut guard = Outstanding::new(self.worker.clone());
+        match self.submit(request).await {
+            Ok(rx) => Ok(Response::new(EventStream {
+                rx,
+                guard: Some(guard),
+            })),
+            Err(status) => {
+                guard.outcome = outcome(status.code());
+                Err(status)
+            }
+        }
+    }
+
+    async fn load(&self, _: Request<pb::LoadRequest>) -> Result<Response<pb::LoadReport>, Status> {
+        Ok(Response::new(self.worker.load()))
+    }
+
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
+        Ok(Response::new(self.worker.info().clone()))
+    }
+}
+
+/// Counts a request as outstanding from arrival until it is answered or abandoned, and
+/// records its outcome once (a request dropped unanswered was cancelled by its caller).
+struct Outstanding {
+    worker: Worker,
+    outcome: &'static str,
+}
+
+impl Outstanding {
+    fn new(worker: Worker) -> Self {
+        worker
+            .shared
+            .outstanding
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self {
+            worker,
+            outcome: "cancelled",
+        }
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.worker
+            .shared
+            .outstanding
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.worker.shared.metrics.count_request(self.outcome);
+    }
+}
+
+/// The response stream of `Generate`: the engine's events as messages, ending after the
+/// final one.
+pub struct EventStream {
+    rx: UnboundedReceiver<EngineEvent>,
+    /// `None` once the final event went out.
+    guard: Option<Outstanding>,
+}
+
+impl EventStream {
+    /// Ends the stream, recording `outcome`; returns the worker for a last load report.
+    fn end(&mut self, outcome: &'static str) -> Option<Worker> {
+        let mut guard = self.guard.take()?;
+        guard.outcome = outcome;
+        let worker = guard.worker.clone();
+        drop(guard);
+        Some(worker)
+    }
+}
+
+impl Stream for EventStream {
+    type Item = Result<pb::GenerateEvent, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.guard.is_none() {
+            return Poll::Ready(None);
+        }
+        let event = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(e) => e,
+        };
+        let item = match event {
+            Some(EngineEvent::Step { step, committed }) => Ok(pb::GenerateEvent {
+                event: Some(pb::generate_event::Event::Step(pb::Step {
+                    step: sat_u32(step),
+                    committed: committed
+                        .into_iter()
+                        .map(|(p, t)| pb::FixedToken {
+                            position: sat_u32(p),
+                            token_id: t,
+                        })
+                        .collect(),
+                })),
+            }),
+            Some(EngineEvent::Finished(f)) => {
+                let worker = self.end(finish_outcome(f.finish_reason));
+                Ok(pb::GenerateEvent {
+                    event: Some(pb::generate_event::Event::Finished(pb::Finished {
+                        response_ids: f.response_ids,
+                        steps: sat_u32(f.steps),
+                        finish_reason: f.finish_reason.as_str().to_owned(),
+                        queue_ms: f.timings.queue_ms,
+                        first_commit_ms: f.timings.first_commit_ms,
+                        total_ms: f.timings.total_ms,
+                        load: worker.map(|w| w.load()),
+                    })),
+                })
+            }
+            Some(EngineEvent::Failed(e)) => {
+                let status = Status::from(WorkerError::from(e));
+                self.end(outcome(status.code()));
+                Err(status)
+            }
+            None => {
+                self.end("unavailable");
+                Err(Status::unavailable("the engine stopped without answering"))
+            }
+        };
+        Poll::Ready(Some(item))
+    }
+}
+
+fn finish_outcome(r: FinishReason) -> &'static str {
+    match r {
+        FinishReason::Completed | FinishReason::StepLimit => "ok",
+        FinishReason::Cancelled => "cancelled",
+        FinishReason::DeadlineExceeded => "deadline_exceeded",
+        FinishReason::Error => "internal",
+    }
+}

@@ -1,0 +1,163 @@
+//! The [`Worker`] handle: the engine, the preprocessing settings, the metrics and the load
+//! counters that the gRPC service and the server share.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use dimple_engine::{EngineConfig, EngineHandle, GroupConfig};
+use dimple_model::preprocess::PreprocessConfig;
+use dimple_model::{Checkpoint, DimpleModel};
+use dimple_proto::convert::sat_u32;
+use dimple_proto::discovery::{Capacity, WorkerRecord};
+use dimple_proto::worker as pb;
+use prometheus::Registry;
+
+use crate::WorkerError;
+use crate::metrics::WorkerMetrics;
+
+/// What a worker needs besides the model and the engine limits.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Reported to routers and clients (`ModelInfo.model`).
+    pub model_name: String,
+    /// `max_new_tokens` of requests that leave it unset (the model's generation config).
+    pub default_max_new_tokens: usize,
+    pub preprocess: PreprocessConfig,
+    /// Tensor-parallel ranks the engine runs on (reported to routers and in etcd).
+    pub tp: usize,
+}
+
+pub(crate) struct Shared {
+    pub engine: EngineHandle,
+    pub metrics: Arc<WorkerMetrics>,
+    pub preprocess: PreprocessConfig,
+    pub info: pb::WorkerInfo,
+    /// Requests received and not yet answered, preprocessing included.
+    pub outstanding: AtomicUsize,
+    pub draining: AtomicBool,
+}
+
+/// One running engine and its bookkeeping. Cheap to clone.
+#[derive(Clone)]
+pub struct Worker {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Worker {
+    /// Starts a single-rank engine over `model`; the worker's metrics go into `registry`.
+    pub fn start(
+        model: DimpleModel,
+        engine_cfg: EngineConfig,
+        cfg: WorkerConfig,
+        registry: &Registry,
+    ) -> Result<Self, WorkerError> {
+        let metrics = Arc::new(WorkerMetrics::new(registry)?);
+        let engine = dimple_engine::start(model, engine_cfg, Some(metrics.step_hook()));
+        Ok(Self::new(engine, metrics, cfg))
+    }
+
+    /// Starts a (possibly tensor-parallel) group of rank threads loading `checkpoint`.
+    pub fn start_group(
+        checkpoint: &Checkpoint,
+        group: GroupConfig,
+        engine_cfg: EngineConfig,
+        cfg: WorkerConfig,
+        registry: &Registry,
+    ) -> Result<Self, WorkerError> {
+        let metrics = Arc::new(WorkerMetrics::new(registry)?);
+        let engine =
+            dimple_engine::start_group(checkpoint, group, engine_cfg, Some(metrics.step_hook()))?;
+        Ok(Self::new(engine, metrics, cfg))
+    }
+
+    /// Wraps a running engine whose step hook feeds `metrics`.
+    pub fn new(engine: EngineHandle, metrics: Arc<WorkerMetrics>, cfg: WorkerConfig) -> Self {
+        let mc = engine.model_config();
+        let ec = engine.config();
+        let info = pb::WorkerInfo {
+            model: cfg.model_name.clone(),
+            vocab_size: sat_u32(mc.vocab_size),
+            mask_token_id: mc.mask_token_id,
+            eos_token_id: mc.eos_token_id,
+            image_token_id: mc.image_token_id,
+            max_position_embeddings: sat_u32(mc.max_position_embeddings),
+            default_max_new_tokens: sat_u32(cfg.default_max_new_tokens),
+            max_new_tokens: sat_u32(ec.limits.max_new_tokens),
+            max_steps: sat_u32(ec.limits.max_steps),
+            max_prompt_tokens: sat_u32(ec.max_prompt_tokens),
+            max_image_pixels: cfg.preprocess.max_decoded_pixels,
+            tp: sat_u32(cfg.tp),
+        };
+        Self {
+            shared: Arc::new(Shared {
+                engine,
+                metrics,
+                preprocess: cfg.preprocess,
+                info,
+                outstanding: AtomicUsize::new(0),
+                draining: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    pub fn engine(&self) -> &EngineHandle {
+        &self.shared.engine
+    }
+
+    pub fn info(&self) -> &pb::WorkerInfo {
+        &self.shared.info
+    }
+
+    /// The load as routers see it.
+    pub fn load(&self) -> pb::LoadReport {
+        let s = self.shared.engine.stats();
+        let cfg = self.shared.engine.config();
+        pb::LoadReport {
+            outstanding: sat_u32(self.shared.outstanding.load(Ordering::Acquire)),
+            waiting: sat_u32(s.waiting),
+            active: sat_u32(s.active),
+            max_waiting: sat_u32(cfg.max_waiting),
+            max_active: sat_u32(cfg.max_active),
+            cache_used_bytes: s.cache_used_bytes as u64,
+            cache_budget_bytes: s.cache_budget_bytes as u64,
+            accepting: s.healthy && !self.is_draining(),
+        }
+    }
+
+    /// The etcd record advertising this worker at `addr`.
+    pub fn record(&self, addr: &str) -> WorkerRecord {
+        let cfg = self.shared.engine.config();
+        WorkerRecord {
+            addr: addr.to_owned(),
+            model: self.shared.info.model.clone(),
+            tp: self.shared.info.tp as usize,
+            capacity: Capacity {
+                max_active: cfg.max_active,
+                max_waiting: cfg.max_waiting,
+                cache_budget_bytes: cfg.cache_budget_bytes,
+            },
+        }
+    }
+
+    /// Refuses new requests from now on; running ones finish.
+    pub fn begin_drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// Copies the engine's load into the gauges; call before rendering the registry.
+    pub fn refresh_metrics(&self) {
+        self.shared.metrics.refresh(
+            &self.shared.engine.stats(),
+            self.shared.outstanding.load(Ordering::Acquire),
+        );
+    }
+
+    /// Stops the engine; requests still running end with UNAVAILABLE.
+    pub fn shutdown(&self) {
+        self.shared.engine.shutdown();
+    }
+}
