@@ -327,7 +327,7 @@ async fn full_queues_answer_resource_exhausted() {
     for _ in 0..16 {
         let mut client = router.client().await;
         handles.push(tokio::spawn(async move {
-            client.generate(small_request(128)).await
+            client.generate(small_request(256)).await
         }));
     }
     let (mut ok, mut full) = (0, 0);
@@ -697,19 +697,51 @@ async fn deadlines_reach_the_worker() {
     assert_eq!(finished.finish_reason, "deadline_exceeded");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
 
-    // Through the router: the client's deadline ends the call and frees the worker.
+    // Through the router: its deadline (here its request timeout cap; a client's
+    // `grpc-timeout` takes the same path) reaches the worker, which stops the request.
+    let mut cfg = router_config(Discovery::Static(vec![workers[0].addr.to_string()]));
+    cfg.request_timeout = Duration::from_millis(300);
+    let capped = RouterProc::start(cfg).await;
+    let mut client = capped.client().await;
+    let t = Instant::now();
+    let s = client.generate(small_request(1000)).await.unwrap_err();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    wait_idle(&workers[0]).await;
+    let m = workers[0].metrics().await;
+    assert_eq!(
+        metric(&m, names::WORKER_REQUESTS, "outcome=\"deadline_exceeded\"")
+            + metric(&m, names::WORKER_REQUESTS, "outcome=\"cancelled\""),
+        2.0,
+        "both expired requests ended early on the worker"
+    );
+
+    // A client's own deadline: the client gives up (tonic reports its own timer as
+    // CANCELLED), the router drops the worker call, and the worker is freed.
     let mut client = router.client().await;
     let mut req = tonic::Request::new(small_request(1000));
     req.set_timeout(Duration::from_millis(300));
-    let t = Instant::now();
     let s = client.generate(req).await.unwrap_err();
-    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
-    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(
+        matches!(s.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{s:?}"
+    );
+    wait_idle(&workers[0]).await;
+    assert!(
+        metric(
+            &workers[0].metrics().await,
+            names::ENGINE_FORWARD_PASSES,
+            ""
+        ) < 2000.0
+    );
+}
+
+async fn wait_idle(w: &WorkerProc) {
     let t = Instant::now();
-    while workers[0].worker.load().outstanding > 0 {
+    while w.worker.load().outstanding > 0 {
         assert!(
             t.elapsed() < Duration::from_secs(2),
-            "the worker still runs the expired request"
+            "the worker still runs an expired request"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

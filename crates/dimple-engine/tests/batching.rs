@@ -17,8 +17,8 @@ use support::*;
 
 /// Random text ids of the tiny golden model lie in [0, 300) (README section B).
 const TEXT_IDS: u32 = 300;
-/// Its vocabulary size; a prior token may be any id but the mask id.
-const VOCAB: u32 = 384;
+/// The end-of-text id, a typical structure-prior token (README, `gen_prior_*`).
+const EOS: u32 = 307;
 
 const DIM_ALGS: [Alg; 6] = [
     Alg::MaskgitPlus,
@@ -30,8 +30,8 @@ const DIM_ALGS: [Alg; 6] = [
 ];
 const THRESHOLDS: [Option<f32>; 4] = [None, Some(0.3), Some(0.7), Some(0.9)];
 
-/// Request `i` of the random set. Features cycle with co-prime periods so that every
-/// combination class appears; lengths, seeds and sampling settings are drawn.
+/// Request `i` of the random set. Features cycle with different periods so that they mix;
+/// lengths, seeds and sampling settings are drawn.
 fn random_request(rng: &mut StdRng, i: usize) -> GenerateRequest {
     let p = rng.random_range(1..=40);
     let prompt_ids = (0..p).map(|_| rng.random_range(0..TEXT_IDS)).collect();
@@ -54,11 +54,10 @@ fn random_request(rng: &mut StdRng, i: usize) -> GenerateRequest {
         let mut taken = HashSet::new();
         for _ in 0..rng.random_range(1..=3.min(n - 1)) {
             let pos = rng.random_range(0..n);
-            let tok = loop {
-                let t = rng.random_range(0..VOCAB);
-                if t != GOLDEN_MASK_ID {
-                    break t;
-                }
+            let tok = if rng.random_bool(0.25) {
+                EOS
+            } else {
+                rng.random_range(0..TEXT_IDS)
             };
             if taken.insert(pos) {
                 prior.push((pos, tok));

@@ -315,7 +315,8 @@ enum AttemptError {
 }
 
 /// Whether a worker's status means "try another worker" (rather than "this request is
-/// wrong" or "the client gave up").
+/// wrong" or "its time is up"). CANCELLED counts as a failure: the router only cancels a
+/// worker call by dropping it, after which it reads nothing more.
 fn retryable(s: &Status) -> bool {
     !matches!(
         s.code(),
@@ -323,7 +324,6 @@ fn retryable(s: &Status) -> bool {
             | tonic::Code::OutOfRange
             | tonic::Code::FailedPrecondition
             | tonic::Code::DeadlineExceeded
-            | tonic::Code::Cancelled
             | tonic::Code::Unauthenticated
             | tonic::Code::PermissionDenied
     )
