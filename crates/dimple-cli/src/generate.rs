@@ -9,7 +9,9 @@ use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::Args;
 use dimple_core::params::{DecodeParams, StructurePrior};
-use dimple_engine::{EngineConfig, EngineEvent, EngineImage, GenerateRequest, GroupConfig, GroupDevices};
+use dimple_engine::{
+    EngineConfig, EngineEvent, EngineImage, GenerateRequest, GroupConfig, GroupDevices,
+};
 use dimple_model::Checkpoint;
 use dimple_model::preprocess::preprocess_image;
 use dimple_router::prompt::{ChatMessage, ContentPart, PromptBuilder};
@@ -79,11 +81,22 @@ impl DecodeArgs {
 
 pub fn parse_prior(text: Option<&str>) -> anyhow::Result<StructurePrior> {
     let mut fixed = Vec::new();
-    for item in text.unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (pos, tok) = item.split_once(':').with_context(|| format!("`--prior` item {item:?} is not POS:TOKEN"))?;
+    for item in text
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let (pos, tok) = item
+            .split_once(':')
+            .with_context(|| format!("`--prior` item {item:?} is not POS:TOKEN"))?;
         fixed.push((
-            pos.trim().parse().with_context(|| format!("`--prior` position {pos:?}"))?,
-            tok.trim().parse().with_context(|| format!("`--prior` token {tok:?}"))?,
+            pos.trim()
+                .parse()
+                .with_context(|| format!("`--prior` position {pos:?}"))?,
+            tok.trim()
+                .parse()
+                .with_context(|| format!("`--prior` token {tok:?}"))?,
         ));
     }
     Ok(StructurePrior { fixed })
@@ -162,7 +175,11 @@ impl RankArgs {
             "auto" => GroupDevices::Cpu,
             other => bail!("`--device` must be cpu, cuda or auto, got {other:?}"),
         };
-        Ok(GroupConfig { dtype, devices, ..GroupConfig::cpu(self.tp) })
+        Ok(GroupConfig {
+            dtype,
+            devices,
+            ..GroupConfig::cpu(self.tp)
+        })
     }
 }
 
@@ -180,7 +197,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let group = args.ranks.group()?;
     let engine = dimple_engine::start_group(&checkpoint, group, EngineConfig::default(), None)
-        .with_context(|| format!("loading the model from {} on {} rank(s)", source.name(), args.ranks.tp))?;
+        .with_context(|| {
+            format!(
+                "loading the model from {} on {} rank(s)",
+                source.name(),
+                args.ranks.tp
+            )
+        })?;
     let cfg = engine.model_config().clone();
     let mut pre = source.preprocess_config()?;
     if let Some(v) = args.min_pixels {
@@ -192,18 +215,26 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut images = Vec::new();
     for path in &args.image {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let im = preprocess_image(&bytes, &pre).with_context(|| format!("image {}", path.display()))?;
+        let im =
+            preprocess_image(&bytes, &pre).with_context(|| format!("image {}", path.display()))?;
         images.push(im);
     }
     let builder = source.prompt_builder().ok();
     let prompt_ids = match (&args.input_ids, &args.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
-            let builder = builder.as_ref().context("the model has no tokenizer.json; use --input-ids")?;
+            let builder = builder
+                .as_ref()
+                .context("the model has no tokenizer.json; use --input-ids")?;
             let mut parts: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).collect();
             parts.push(ContentPart::text(text.clone()));
-            let counts: Vec<usize> = images.iter().map(|i| i.num_image_tokens(pre.merge_size as usize)).collect();
-            builder.build(&[ChatMessage::parts("user", parts)], &counts)?.ids
+            let counts: Vec<usize> = images
+                .iter()
+                .map(|i| i.num_image_tokens(pre.merge_size as usize))
+                .collect();
+            builder
+                .build(&[ChatMessage::parts("user", parts)], &counts)?
+                .ids
         }
         (None, None) => bail!("give a prompt or --input-ids"),
     };
@@ -226,7 +257,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let live = !args.json && std::io::stderr().is_terminal();
     let mut history = Vec::new();
     let finished = loop {
-        match rx.blocking_recv().context("the engine stopped without answering")? {
+        match rx
+            .blocking_recv()
+            .context("the engine stopped without answering")?
+        {
             EngineEvent::Step { committed, .. } => {
                 for (p, t) in committed {
                     row[p] = t;
@@ -248,7 +282,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         eprintln!();
     }
     engine.shutdown();
-    let text = builder.as_ref().map(|b| answer_text(b, &finished.response_ids, cfg.eos_token_id)).transpose()?;
+    let text = builder
+        .as_ref()
+        .map(|b| answer_text(b, &finished.response_ids, cfg.eos_token_id))
+        .transpose()?;
     if args.json {
         let out = serde_json::json!({
             "response_ids": finished.response_ids,
@@ -263,7 +300,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             Some(t) => println!("{t}"),
             None => println!("{:?}", finished.response_ids),
         }
-        eprintln!("[{} forward passes for {} response slots, {}]", finished.steps, n, finished.finish_reason);
+        eprintln!(
+            "[{} forward passes for {} response slots, {}]",
+            finished.steps, n, finished.finish_reason
+        );
     }
     Ok(())
 }
@@ -281,7 +321,10 @@ pub(crate) fn default_response_len(source: &ModelSource) -> usize {
 
 /// The answer: the text before the first end token, special tokens dropped.
 pub fn answer_text(builder: &PromptBuilder, response: &[u32], eos: u32) -> anyhow::Result<String> {
-    let end = response.iter().position(|&t| t == eos).unwrap_or(response.len());
+    let end = response
+        .iter()
+        .position(|&t| t == eos)
+        .unwrap_or(response.len());
     Ok(builder.decode(&response[..end], true)?.trim().to_string())
 }
 

@@ -14,7 +14,11 @@ mod worker;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "dimple", version, about = "Serving cluster for discrete-diffusion multimodal language models (Dimple)")]
+#[command(
+    name = "dimple",
+    version,
+    about = "Serving cluster for discrete-diffusion multimodal language models (Dimple)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,7 +49,8 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DIMPLE_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("DIMPLE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

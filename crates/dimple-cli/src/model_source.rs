@@ -23,14 +23,16 @@ impl ModelSource {
 
     pub fn load_model(&self, dtype: DType, device: &Device) -> anyhow::Result<DimpleModel> {
         match &self.0 {
-            Some(dir) => DimpleModel::load(dir, dtype, device).with_context(|| format!("loading the model from {}", dir.display())),
+            Some(dir) => DimpleModel::load(dir, dtype, device)
+                .with_context(|| format!("loading the model from {}", dir.display())),
             None => Ok(DimpleModel::builtin(dtype, device)?),
         }
     }
 
     pub fn prompt_builder(&self) -> anyhow::Result<PromptBuilder> {
         match &self.0 {
-            Some(dir) => PromptBuilder::from_dir(dir).with_context(|| format!("loading the tokenizer from {}", dir.display())),
+            Some(dir) => PromptBuilder::from_dir(dir)
+                .with_context(|| format!("loading the tokenizer from {}", dir.display())),
             None => Ok(PromptBuilder::builtin()?),
         }
     }
@@ -46,7 +48,9 @@ impl ModelSource {
                     Ok(PreprocessConfig::default())
                 }
             }
-            None => Ok(PreprocessConfig::from_json(dimple_core::builtin::PREPROCESSOR_CONFIG_JSON)?),
+            None => Ok(PreprocessConfig::from_json(
+                dimple_core::builtin::PREPROCESSOR_CONFIG_JSON,
+            )?),
         }
     }
 }

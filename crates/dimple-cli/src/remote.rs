@@ -78,7 +78,7 @@ pub fn request(args: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
 }
 
 /// Unset flags stay unset, so the server's defaults (the model's generation config) apply.
-fn params(d: &DecodeArgs) -> v1::DecodeParams {
+pub(crate) fn params(d: &DecodeArgs) -> v1::DecodeParams {
     v1::DecodeParams {
         max_new_tokens: d.max_new_tokens.map(|n| n as u32),
         steps: d.steps.map(|n| n as u32),
@@ -95,7 +95,10 @@ fn params(d: &DecodeArgs) -> v1::DecodeParams {
     }
 }
 
-async fn connect(url: &str, ca_cert: Option<&std::path::Path>) -> anyhow::Result<Channel> {
+pub(crate) async fn connect(
+    url: &str,
+    ca_cert: Option<&std::path::Path>,
+) -> anyhow::Result<Channel> {
     let mut endpoint =
         Endpoint::from_shared(url.to_owned()).with_context(|| format!("`--router` {url:?}"))?;
     if url.starts_with("https://") {

@@ -21,7 +21,10 @@ use crate::generate::answer_text;
 use crate::model_source::ModelSource;
 
 /// The demo model's evaluation set, the default dataset.
-pub const DEFAULT_DATASET: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/demo_eval/eval.jsonl");
+pub const DEFAULT_DATASET: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/demo_eval/eval.jsonl"
+);
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkloadArgs {
@@ -43,6 +46,17 @@ pub struct WorkloadArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Send the requests to a running router (`http://HOST:PORT`) instead of decoding them
+    /// with an engine in this process.
+    #[arg(long, env = "DIMPLE_ROUTER")]
+    pub router: Option<String>,
+    /// API key for the router (`authorization: Bearer`).
+    #[arg(long, env = "DIMPLE_API_KEY")]
+    pub api_key: Option<String>,
+    /// The server's Prometheus endpoint (`http://HOST:PORT/metrics`), read before and after
+    /// each configuration; its counter deltas go into the JSON rows.
+    #[arg(long)]
+    pub metrics_url: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -104,19 +118,34 @@ impl LocalTarget {
         let eos = model.config().eos_token_id;
         let engine = dimple_engine::start(
             model,
-            EngineConfig { max_active: 64, max_waiting: 4096, ..EngineConfig::default() },
+            EngineConfig {
+                max_active: 64,
+                max_waiting: 4096,
+                ..EngineConfig::default()
+            },
             None,
         );
-        Ok(Self { engine, builder: source.prompt_builder()?, pre: source.preprocess_config()?, eos })
+        Ok(Self {
+            engine,
+            builder: source.prompt_builder()?,
+            pre: source.preprocess_config()?,
+            eos,
+        })
     }
 
     fn request(&self, req: &SweepRequest) -> Result<GenerateRequest, TargetError> {
-        let invalid = |m: String| TargetError { code: "INVALID_ARGUMENT".into(), message: m };
+        let invalid = |m: String| TargetError {
+            code: "INVALID_ARGUMENT".into(),
+            message: m,
+        };
         let mut images = Vec::new();
         for bytes in &req.item.images {
             images.push(preprocess_image(bytes, &self.pre).map_err(|e| invalid(e.to_string()))?);
         }
-        let counts: Vec<usize> = images.iter().map(|i| i.num_image_tokens(self.pre.merge_size as usize)).collect();
+        let counts: Vec<usize> = images
+            .iter()
+            .map(|i| i.num_image_tokens(self.pre.merge_size as usize))
+            .collect();
         let last_user = req.item.turns.iter().rposition(|t| t.role == "user");
         let messages: Vec<ChatMessage> = req
             .item
@@ -125,7 +154,8 @@ impl LocalTarget {
             .enumerate()
             .map(|(i, t)| {
                 if Some(i) == last_user && !images.is_empty() {
-                    let mut parts: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).collect();
+                    let mut parts: Vec<ContentPart> =
+                        images.iter().map(|_| ContentPart::Image).collect();
                     parts.push(ContentPart::text(t.content.clone()));
                     ChatMessage::parts(t.role.clone(), parts)
                 } else {
@@ -133,7 +163,11 @@ impl LocalTarget {
                 }
             })
             .collect();
-        let ids = self.builder.build(&messages, &counts).map_err(|e| invalid(e.to_string()))?.ids;
+        let ids = self
+            .builder
+            .build(&messages, &counts)
+            .map_err(|e| invalid(e.to_string()))?
+            .ids;
         Ok(GenerateRequest {
             prompt_ids: ids,
             images: images.into_iter().map(EngineImage::from).collect(),
@@ -151,7 +185,8 @@ impl Target for LocalTarget {
             let tokens = request.params.max_new_tokens;
             let mut rx = self.engine.submit(request).map_err(|e| TargetError {
                 code: match e {
-                    dimple_engine::EngineError::QueueFull { .. } | dimple_engine::EngineError::CacheImpossible { .. } => {
+                    dimple_engine::EngineError::QueueFull { .. }
+                    | dimple_engine::EngineError::CacheImpossible { .. } => {
                         "RESOURCE_EXHAUSTED".into()
                     }
                     dimple_engine::EngineError::Unavailable(_) => "UNAVAILABLE".into(),
@@ -169,14 +204,149 @@ impl Target for LocalTarget {
                         }
                     }
                     Some(EngineEvent::Finished(f)) => {
-                        let text = answer_text(&self.builder, &f.response_ids, self.eos)
-                            .map_err(|e| TargetError { code: "INTERNAL".into(), message: e.to_string() })?;
-                        return Ok(Response { text, steps: f.steps, tokens, first_commit: first });
+                        let text =
+                            answer_text(&self.builder, &f.response_ids, self.eos).map_err(|e| {
+                                TargetError {
+                                    code: "INTERNAL".into(),
+                                    message: e.to_string(),
+                                }
+                            })?;
+                        return Ok(Response {
+                            text,
+                            steps: f.steps,
+                            tokens,
+                            first_commit: first,
+                        });
                     }
                     Some(EngineEvent::Failed(e)) => {
-                        return Err(TargetError { code: "INTERNAL".into(), message: e.to_string() });
+                        return Err(TargetError {
+                            code: "INTERNAL".into(),
+                            message: e.to_string(),
+                        });
                     }
-                    None => return Err(TargetError { code: "UNAVAILABLE".into(), message: "engine stopped".into() }),
+                    None => {
+                        return Err(TargetError {
+                            code: "UNAVAILABLE".into(),
+                            message: "engine stopped".into(),
+                        });
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Requests sent to a router over gRPC, streamed so the client sees the first commit.
+pub struct RouterTarget {
+    client: dimple_proto::v1::dimple_client::DimpleClient<tonic::transport::Channel>,
+    api_key: Option<String>,
+}
+
+impl RouterTarget {
+    pub async fn connect(url: &str, api_key: Option<String>) -> anyhow::Result<Self> {
+        let channel = crate::remote::connect(url, None).await?;
+        let client = dimple_proto::v1::dimple_client::DimpleClient::new(channel)
+            .max_decoding_message_size(64 << 20);
+        Ok(Self { client, api_key })
+    }
+
+    fn request(req: &SweepRequest) -> dimple_proto::v1::GenerateRequest {
+        use dimple_proto::v1;
+        let last_user = req.item.turns.iter().rposition(|t| t.role == "user");
+        let messages = req
+            .item
+            .turns
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let mut content = Vec::new();
+                if Some(i) == last_user {
+                    for data in &req.item.images {
+                        content.push(v1::ContentPart {
+                            part: Some(v1::content_part::Part::Image(v1::Image {
+                                data: data.clone(),
+                            })),
+                        });
+                    }
+                }
+                content.push(v1::ContentPart {
+                    part: Some(v1::content_part::Part::Text(t.content.clone())),
+                });
+                v1::ChatMessage {
+                    role: t.role.clone(),
+                    content,
+                }
+            })
+            .collect();
+        let p = &req.params;
+        v1::GenerateRequest {
+            input: Some(v1::generate_request::Input::Chat(v1::Chat { messages })),
+            params: Some(v1::DecodeParams {
+                max_new_tokens: Some(p.max_new_tokens as u32),
+                steps: Some(p.steps as u32),
+                threshold: p.threshold,
+                alg: p.alg.to_string(),
+                pipeline: p.pipeline.to_string(),
+                temperature: Some(p.temperature),
+                top_p: p.top_p,
+                top_k: p.top_k.map(|k| k as u32),
+                alg_temp: p.alg_temp,
+                use_original_confidence: Some(p.use_original_confidence),
+                seed: Some(p.seed),
+                use_cache: Some(p.use_cache),
+            }),
+            prior: None,
+            stream: None,
+            request_id: String::new(),
+        }
+    }
+}
+
+impl Target for RouterTarget {
+    fn generate(&self, req: SweepRequest) -> TargetFuture<'_> {
+        use dimple_proto::v1::generate_stream_response::Event;
+        Box::pin(async move {
+            let status = |s: tonic::Status| TargetError {
+                code: format!("{:?}", s.code()).to_uppercase(),
+                message: s.message().to_string(),
+            };
+            let sent = Instant::now();
+            let mut grpc = tonic::Request::new(Self::request(&req));
+            if let Some(key) = &self.api_key {
+                if let Ok(v) = format!("Bearer {key}").parse() {
+                    grpc.metadata_mut().insert("authorization", v);
+                }
+            }
+            let mut stream = self
+                .client
+                .clone()
+                .generate_stream(grpc)
+                .await
+                .map_err(status)?
+                .into_inner();
+            let mut first = None;
+            loop {
+                match stream.message().await.map_err(status)? {
+                    Some(m) => match m.event {
+                        Some(Event::Step(s)) if first.is_none() && !s.committed.is_empty() => {
+                            first = Some(sent.elapsed())
+                        }
+                        Some(Event::Final(f)) => {
+                            return Ok(Response {
+                                text: f.text,
+                                steps: f.steps as usize,
+                                tokens: f.token_ids.len(),
+                                first_commit: first,
+                            });
+                        }
+                        _ => {}
+                    },
+                    None => {
+                        return Err(TargetError {
+                            code: "UNAVAILABLE".into(),
+                            message: "stream ended without an answer".into(),
+                        });
+                    }
                 }
             }
         })
@@ -185,10 +355,16 @@ impl Target for LocalTarget {
 
 fn load_items(w: &WorkloadArgs) -> anyhow::Result<Vec<Arc<Item>>> {
     let mut items = match (w.synthetic, &w.dataset) {
-        (Some(n), _) => dimple_sweep::synthetic(&SyntheticSpec { items: n, seed: w.seed, ..SyntheticSpec::default() })?,
+        (Some(n), _) => dimple_sweep::synthetic(&SyntheticSpec {
+            items: n,
+            seed: w.seed,
+            ..SyntheticSpec::default()
+        })?,
         (None, Some(p)) => dimple_sweep::load_jsonl(p)?,
         (None, None) => dimple_sweep::load_jsonl(std::path::Path::new(DEFAULT_DATASET))
-            .with_context(|| format!("the default dataset {DEFAULT_DATASET}; give --dataset or --synthetic"))?,
+            .with_context(|| {
+                format!("the default dataset {DEFAULT_DATASET}; give --dataset or --synthetic")
+            })?,
     };
     if let Some(n) = w.limit {
         items.truncate(n);
@@ -200,12 +376,21 @@ fn load_items(w: &WorkloadArgs) -> anyhow::Result<Vec<Arc<Item>>> {
 }
 
 /// Runs every configuration not already in the output directory, then writes the reports.
-fn run_grid(w: &WorkloadArgs, grid: &Grid, repeats: usize, title: &str) -> anyhow::Result<Vec<Summary>> {
+fn run_grid(
+    w: &WorkloadArgs,
+    grid: &Grid,
+    repeats: usize,
+    title: &str,
+) -> anyhow::Result<Vec<Summary>> {
     let items = load_items(w)?;
     let configs = grid.configs(16)?;
     let out = OutputDir::create(&w.out)?;
     let mut done = out.finished()?;
-    let todo: Vec<_> = configs.iter().filter(|c| !done.contains_key(&c.key())).cloned().collect();
+    let todo: Vec<_> = configs
+        .iter()
+        .filter(|c| !done.contains_key(&c.key()))
+        .cloned()
+        .collect();
     eprintln!(
         "{} items, {} configurations ({} already done, {} to run), output in {}",
         items.len(),
@@ -215,13 +400,28 @@ fn run_grid(w: &WorkloadArgs, grid: &Grid, repeats: usize, title: &str) -> anyho
         w.out.display()
     );
     if !todo.is_empty() {
-        let source = ModelSource(w.model.clone());
-        let target: Arc<dyn Target> = Arc::new(LocalTarget::start(&source)?);
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-        let opts = RunOptions { progress: std::io::stderr().is_terminal(), repeats };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let target: Arc<dyn Target> = match &w.router {
+            Some(url) => Arc::new(rt.block_on(RouterTarget::connect(url, w.api_key.clone()))?),
+            None => Arc::new(LocalTarget::start(&ModelSource(w.model.clone()))?),
+        };
+        let opts = RunOptions {
+            progress: std::io::stderr().is_terminal(),
+            repeats,
+        };
         for cfg in &todo {
-            let (records, wall) = rt.block_on(dimple_sweep::run_config(target.clone(), &items, cfg, &opts));
-            let summary = Summary::from_records(cfg, &records, wall.as_secs_f64());
+            let before = w.metrics_url.as_deref().map(dimple_sweep::scrape::scrape);
+            let (records, wall) =
+                rt.block_on(dimple_sweep::run_config(target.clone(), &items, cfg, &opts));
+            let mut summary = Summary::from_records(cfg, &records, wall.as_secs_f64());
+            if let (Some(url), Some(before)) = (&w.metrics_url, before) {
+                match (before, dimple_sweep::scrape::scrape(url)) {
+                    (Ok(b), Ok(a)) => summary.server = dimple_sweep::scrape::delta(&b, &a),
+                    (Err(e), _) | (_, Err(e)) => eprintln!("warning: could not read {url}: {e}"),
+                }
+            }
             out.save(&summary, &records)?;
             eprintln!(
                 "{}: ok {}/{} acc {} NFE {:.2} {:.1} tok/s p50 {:.3}s",
@@ -237,7 +437,10 @@ fn run_grid(w: &WorkloadArgs, grid: &Grid, repeats: usize, title: &str) -> anyho
         }
     }
     // Report in grid order, including points finished by earlier runs.
-    let summaries: Vec<Summary> = configs.iter().filter_map(|c| done.get(&c.key()).cloned()).collect();
+    let summaries: Vec<Summary> = configs
+        .iter()
+        .filter_map(|c| done.get(&c.key()).cloned())
+        .collect();
     for p in out.write_reports(&summaries, title)? {
         eprintln!("wrote {}", p.display());
     }

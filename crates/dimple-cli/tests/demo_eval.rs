@@ -15,7 +15,11 @@ use dimple_router::prompt::{ChatMessage, ContentPart, PromptBuilder};
 use serde_json::Value;
 
 fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/demo_eval")).join(rel)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/demo_eval"
+    ))
+    .join(rel)
 }
 
 fn jsonl(rel: &str) -> Vec<Value> {
@@ -36,7 +40,11 @@ fn setting(name: &str) -> DecodeParams {
     DecodeParams {
         max_new_tokens: 16,
         steps: 16,
-        threshold: if thr == "none" { None } else { Some(thr.parse().unwrap()) },
+        threshold: if thr == "none" {
+            None
+        } else {
+            Some(thr.parse().unwrap())
+        },
         pipeline,
         use_original_confidence: pipeline == Pipeline::Dim,
         use_cache: cache,
@@ -49,13 +57,22 @@ fn demo_eval_matches_the_official_outputs_under_every_setting() {
     let items = jsonl("eval.jsonl");
     assert_eq!(items.len(), 100);
     let reference = jsonl("reference_outputs.jsonl");
-    let results: Value = serde_json::from_str(&std::fs::read_to_string(fixture("results.json")).unwrap()).unwrap();
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("results.json")).unwrap()).unwrap();
 
     let builder = PromptBuilder::builtin().unwrap();
     let pre = PreprocessConfig::from_json(dimple_core::builtin::PREPROCESSOR_CONFIG_JSON).unwrap();
     let model = DimpleModel::builtin(DType::F32, &Device::Cpu).unwrap();
     let eos = model.config().eos_token_id;
-    let engine = dimple_engine::start(model, EngineConfig { max_active: 48, max_waiting: 2048, ..EngineConfig::default() }, None);
+    let engine = dimple_engine::start(
+        model,
+        EngineConfig {
+            max_active: 48,
+            max_waiting: 2048,
+            ..EngineConfig::default()
+        },
+        None,
+    );
 
     // Prompt and image of each item, built once.
     let mut prompts = BTreeMap::new();
@@ -69,10 +86,19 @@ fn demo_eval_matches_the_official_outputs_under_every_setting() {
             parts.push(ContentPart::Image);
         }
         parts.push(ContentPart::text(it["question"].as_str().unwrap()));
-        let counts: Vec<usize> = images.iter().map(|i| i.num_image_tokens(pre.merge_size as usize)).collect();
-        let ids = builder.build(&[ChatMessage::parts("user", parts)], &counts).unwrap().ids;
+        let counts: Vec<usize> = images
+            .iter()
+            .map(|i| i.num_image_tokens(pre.merge_size as usize))
+            .collect();
+        let ids = builder
+            .build(&[ChatMessage::parts("user", parts)], &counts)
+            .unwrap()
+            .ids;
         let images: Vec<EngineImage> = images.into_iter().map(EngineImage::from).collect();
-        prompts.insert(id, (ids, images, it["answer"].as_str().unwrap().to_string()));
+        prompts.insert(
+            id,
+            (ids, images, it["answer"].as_str().unwrap().to_string()),
+        );
     }
 
     // Every (setting, item) submitted at once: they share steps in the engine.
@@ -99,17 +125,39 @@ fn demo_eval_matches_the_official_outputs_under_every_setting() {
         };
         let id = r["id"].as_str().unwrap();
         let config = r["config"].as_str().unwrap().to_string();
-        let want: Vec<u32> = r["response_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = r["response_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let e = per_setting.entry(config).or_default();
         if finished.response_ids != want || finished.steps as u64 != r["nfe"].as_u64().unwrap() {
-            let diff: Vec<usize> =
-                (0..want.len()).filter(|&i| finished.response_ids.get(i) != want.get(i)).collect();
-            e.3.push(format!("{id}: positions {diff:?} differ, steps {} vs {}", finished.steps, r["nfe"]));
+            let diff: Vec<usize> = (0..want.len())
+                .filter(|&i| finished.response_ids.get(i) != want.get(i))
+                .collect();
+            e.3.push(format!(
+                "{id}: positions {diff:?} differ, steps {} vs {}",
+                finished.steps, r["nfe"]
+            ));
         }
-        let end = finished.response_ids.iter().position(|&t| t == eos).unwrap_or(finished.response_ids.len());
-        let pred = builder.decode(&finished.response_ids[..end], true).unwrap().trim().to_string();
+        let end = finished
+            .response_ids
+            .iter()
+            .position(|&t| t == eos)
+            .unwrap_or(finished.response_ids.len());
+        let pred = builder
+            .decode(&finished.response_ids[..end], true)
+            .unwrap()
+            .trim()
+            .to_string();
         if e.3.is_empty() || !e.3.last().unwrap().starts_with(id) {
-            assert_eq!(pred, r["pred"].as_str().unwrap().trim(), "{id} decoded answer under {}", r["config"]);
+            assert_eq!(
+                pred,
+                r["pred"].as_str().unwrap().trim(),
+                "{id} decoded answer under {}",
+                r["config"]
+            );
         }
         e.0 += 1;
         e.1 += usize::from(pred == prompts[id].2);
@@ -120,13 +168,20 @@ fn demo_eval_matches_the_official_outputs_under_every_setting() {
         let config = row["config"].as_str().unwrap();
         let (n, correct, nfe, mismatches) = &per_setting[config];
         assert_eq!(*n, 100, "{config}");
-        assert!(mismatches.len() <= 1, "{config}: more than one item differs from the official outputs: {mismatches:?}");
+        assert!(
+            mismatches.len() <= 1,
+            "{config}: more than one item differs from the official outputs: {mismatches:?}"
+        );
         if !mismatches.is_empty() {
             eprintln!("{config}: near-tie flip tolerated: {mismatches:?}");
         }
         let acc = *correct as f64 / *n as f64;
         let mean_nfe = *nfe as f64 / *n as f64;
-        assert!((acc - row["acc"].as_f64().unwrap()).abs() < 0.011, "{config}: accuracy {acc} vs {}", row["acc"]);
+        assert!(
+            (acc - row["acc"].as_f64().unwrap()).abs() < 0.011,
+            "{config}: accuracy {acc} vs {}",
+            row["acc"]
+        );
         assert!(
             (mean_nfe - row["mean_nfe"].as_f64().unwrap()).abs() < 0.02,
             "{config}: mean NFE {mean_nfe} vs {}",

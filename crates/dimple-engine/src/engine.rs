@@ -133,7 +133,10 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Validates and queues a request. Events arrive on the returned receiver; dropping it
     /// cancels the request and frees its cache at the next step.
-    pub fn submit(&self, req: GenerateRequest) -> Result<UnboundedReceiver<EngineEvent>, EngineError> {
+    pub fn submit(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<UnboundedReceiver<EngineEvent>, EngineError> {
         if !self.shared.healthy.load(Ordering::Acquire) {
             return Err(EngineError::Unavailable(self.failure()));
         }
@@ -145,7 +148,13 @@ impl EngineHandle {
         }
         let (events, rx) = unbounded_channel();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let pending = Pending { id, req, events, need_bytes, submitted: Instant::now() };
+        let pending = Pending {
+            id,
+            req,
+            events,
+            need_bytes,
+            submitted: Instant::now(),
+        };
         if self.tx.send(Command::Submit(Box::new(pending))).is_err() {
             self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Unavailable(self.failure()));
@@ -174,8 +183,15 @@ impl EngineHandle {
                 req.params.max_new_tokens, cfg.max_position_embeddings
             )));
         }
-        if let Some(&bad) = req.prompt_ids.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            return Err(EngineError::Invalid(format!("`prompt` token {bad} is outside the vocabulary ({})", cfg.vocab_size)));
+        if let Some(&bad) = req
+            .prompt_ids
+            .iter()
+            .find(|&&t| t as usize >= cfg.vocab_size)
+        {
+            return Err(EngineError::Invalid(format!(
+                "`prompt` token {bad} is outside the vocabulary ({})",
+                cfg.vocab_size
+            )));
         }
         for &(pos, tok) in &req.params.prior.fixed {
             if tok as usize >= cfg.vocab_size || tok == cfg.mask_token_id {
@@ -197,9 +213,16 @@ impl EngineHandle {
                 )));
             }
         }
-        let need = if req.params.use_cache { kv_cache_bytes_per_rank(cfg, p - 1, self.dtype, self.world) } else { 0 };
+        let need = if req.params.use_cache {
+            kv_cache_bytes_per_rank(cfg, p - 1, self.dtype, self.world)
+        } else {
+            0
+        };
         if need > self.cfg.cache_budget_bytes {
-            return Err(EngineError::CacheImpossible { needed: need, budget: self.cfg.cache_budget_bytes });
+            return Err(EngineError::CacheImpossible {
+                needed: need,
+                budget: self.cfg.cache_budget_bytes,
+            });
         }
         Ok(need)
     }
@@ -298,22 +321,24 @@ fn spawn(
             return handle;
         }
     };
-    let spawned = std::thread::Builder::new().name("dimple-engine".into()).spawn(move || {
-        let mut lp = Loop {
-            group,
-            model_cfg,
-            pool: CachePool::new(cfg.cache_budget_bytes),
-            cfg,
-            rx,
-            shared,
-            waiting: VecDeque::new(),
-            active: Vec::new(),
-            admitted: Vec::new(),
-            evicted: Vec::new(),
-            on_step,
-        };
-        lp.run();
-    });
+    let spawned = std::thread::Builder::new()
+        .name("dimple-engine".into())
+        .spawn(move || {
+            let mut lp = Loop {
+                group,
+                model_cfg,
+                pool: CachePool::new(cfg.cache_budget_bytes),
+                cfg,
+                rx,
+                shared,
+                waiting: VecDeque::new(),
+                active: Vec::new(),
+                admitted: Vec::new(),
+                evicted: Vec::new(),
+                on_step,
+            };
+            lp.run();
+        });
     if let Err(e) = spawned {
         handle.mark_failed(format!("cannot start the engine thread: {e}"));
     }
@@ -391,7 +416,10 @@ impl Loop {
         if self.evicted.is_empty() || !self.active.is_empty() || !self.waiting.is_empty() {
             return Ok(());
         }
-        let plan = StepPlan { evict: std::mem::take(&mut self.evicted), ..StepPlan::default() };
+        let plan = StepPlan {
+            evict: std::mem::take(&mut self.evicted),
+            ..StepPlan::default()
+        };
         self.group.run(plan).map(|_| ())
     }
 
@@ -409,7 +437,9 @@ impl Loop {
                 Ok(Command::Submit(p)) => self.waiting.push_back(*p),
                 Ok(Command::Shutdown) => return false,
                 Err(TryRecvError::Empty) => return true,
-                Err(TryRecvError::Disconnected) => return !(self.active.is_empty() && self.waiting.is_empty()),
+                Err(TryRecvError::Disconnected) => {
+                    return !(self.active.is_empty() && self.waiting.is_empty());
+                }
             }
         }
     }
@@ -419,22 +449,35 @@ impl Loop {
         // Requests whose client went away while waiting leave without running.
         let before = self.waiting.len();
         self.waiting.retain(|p| !p.events.is_closed());
-        self.shared.waiting.fetch_sub(before - self.waiting.len(), Ordering::AcqRel);
+        self.shared
+            .waiting
+            .fetch_sub(before - self.waiting.len(), Ordering::AcqRel);
         while self.active.len() < self.cfg.max_active {
-            let Some(front) = self.waiting.front() else { break };
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
             match self.pool.reserve(front.need_bytes) {
                 Admission::Later => break,
                 Admission::Impossible => {
                     // Checked at submission; kept total for a budget that shrank.
                     let p = self.pop_waiting();
-                    let _ = p.events.send(EngineEvent::Failed(EngineError::CacheImpossible {
-                        needed: p.need_bytes,
-                        budget: self.pool.budget(),
-                    }));
+                    let _ = p
+                        .events
+                        .send(EngineEvent::Failed(EngineError::CacheImpossible {
+                            needed: p.need_bytes,
+                            budget: self.pool.budget(),
+                        }));
                 }
                 Admission::Ok => {
                     let p = self.pop_waiting();
-                    match Sequence::new(p.id, p.req, &self.model_cfg, p.events.clone(), p.need_bytes, p.submitted) {
+                    match Sequence::new(
+                        p.id,
+                        p.req,
+                        &self.model_cfg,
+                        p.events.clone(),
+                        p.need_bytes,
+                        p.submitted,
+                    ) {
                         Ok((seq, admit)) => {
                             self.active.push(seq);
                             self.admitted.push(admit);
@@ -501,7 +544,11 @@ impl Loop {
         let mut admit = std::mem::take(&mut self.admitted);
         let mut evict = std::mem::take(&mut self.evicted);
         // A sequence that left before its first step never needs to reach the ranks.
-        let gone: Vec<u64> = admit.iter().filter(|a| evict.contains(&a.id)).map(|a| a.id).collect();
+        let gone: Vec<u64> = admit
+            .iter()
+            .filter(|a| evict.contains(&a.id))
+            .map(|a| a.id)
+            .collect();
         admit.retain(|a| !gone.contains(&a.id));
         evict.retain(|id| !gone.contains(id));
         let step = chosen.iter().map(|&i| self.active[i].plan()).collect();
@@ -528,7 +575,12 @@ impl Loop {
             self.retire(s, r);
         }
         if let Some(hook) = &self.on_step {
-            hook(&StepReport { batch_size: chosen.len(), tokens, committed, seconds: started.elapsed().as_secs_f64() });
+            hook(&StepReport {
+                batch_size: chosen.len(),
+                tokens,
+                committed,
+                seconds: started.elapsed().as_secs_f64(),
+            });
         }
         Ok(())
     }
@@ -538,8 +590,12 @@ impl Loop {
     fn retire(&mut self, mut s: Sequence, outcome: Result<FinishReason, EngineError>) {
         self.pool.release(s.reserved_bytes);
         self.evicted.push(s.id);
-        self.shared.active.store(self.active.len(), Ordering::Release);
-        self.shared.cache_used.store(self.pool.used(), Ordering::Release);
+        self.shared
+            .active
+            .store(self.active.len(), Ordering::Release);
+        self.shared
+            .cache_used
+            .store(self.pool.used(), Ordering::Release);
         match outcome {
             Ok(reason) => s.finish(reason),
             Err(e) => s.fail(e),
@@ -547,8 +603,12 @@ impl Loop {
     }
 
     fn publish(&self) {
-        self.shared.active.store(self.active.len(), Ordering::Release);
-        self.shared.cache_used.store(self.pool.used(), Ordering::Release);
+        self.shared
+            .active
+            .store(self.active.len(), Ordering::Release);
+        self.shared
+            .cache_used
+            .store(self.pool.used(), Ordering::Release);
     }
 
     /// Fails everything and marks the engine unhealthy.
@@ -562,12 +622,16 @@ impl Loop {
             self.pool.release(s.reserved_bytes);
         }
         for p in self.waiting.drain(..) {
-            let _ = p.events.send(EngineEvent::Failed(EngineError::Unavailable(why.clone())));
+            let _ = p
+                .events
+                .send(EngineEvent::Failed(EngineError::Unavailable(why.clone())));
         }
         // Requests still in the channel are answered too, so nobody waits forever.
         while let Ok(cmd) = self.rx.try_recv() {
             if let Command::Submit(p) = cmd {
-                let _ = p.events.send(EngineEvent::Failed(EngineError::Unavailable(why.clone())));
+                let _ = p
+                    .events
+                    .send(EngineEvent::Failed(EngineError::Unavailable(why.clone())));
             }
         }
         self.shared.waiting.store(0, Ordering::Release);
@@ -577,6 +641,10 @@ impl Loop {
 
 impl From<dimple_model::preprocess::PreprocessedImage> for EngineImage {
     fn from(p: dimple_model::preprocess::PreprocessedImage) -> Self {
-        Self { pixel_values: p.pixel_values, patch_dim: p.patch_dim, grid_thw: p.grid_thw }
+        Self {
+            pixel_values: p.pixel_values,
+            patch_dim: p.patch_dim,
+            grid_thw: p.grid_thw,
+        }
     }
 }

@@ -14,7 +14,9 @@ pub enum EngineError {
     #[error("the waiting queue is full ({limit} requests)")]
     QueueFull { limit: usize },
     /// The request's prefix cache would not fit even in an empty pool.
-    #[error("the request needs {needed} bytes of prefix cache, more than the whole pool ({budget} bytes)")]
+    #[error(
+        "the request needs {needed} bytes of prefix cache, more than the whole pool ({budget} bytes)"
+    )]
     CacheImpossible { needed: usize, budget: usize },
     /// The engine has stopped (shut down, or failed and is unhealthy).
     #[error("the engine is not running: {0}")]
@@ -27,7 +29,9 @@ pub enum EngineError {
 impl From<dimple_model::ModelError> for EngineError {
     fn from(e: dimple_model::ModelError) -> Self {
         match e {
-            dimple_model::ModelError::Input(m) | dimple_model::ModelError::Image(m) => EngineError::Invalid(m),
+            dimple_model::ModelError::Input(m) | dimple_model::ModelError::Image(m) => {
+                EngineError::Invalid(m)
+            }
             other => EngineError::Model(other.to_string()),
         }
     }

@@ -8,7 +8,10 @@ use crate::EngineError;
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
     /// Step `step` (0-based) committed these `(response position, token)` pairs.
-    Step { step: usize, committed: Vec<(usize, u32)> },
+    Step {
+        step: usize,
+        committed: Vec<(usize, u32)>,
+    },
     Finished(Finished),
     Failed(EngineError),
 }

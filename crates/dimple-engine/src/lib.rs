@@ -16,7 +16,10 @@ pub mod pool;
 pub mod sequence;
 mod vocab_score;
 
-pub use engine::{EngineConfig, EngineHandle, EngineImage, EngineStats, GenerateRequest, StepReport, start, start_group};
-pub use group::{FaultInjection, FaultKind, GroupConfig, GroupDevices};
+pub use engine::{
+    EngineConfig, EngineHandle, EngineImage, EngineStats, GenerateRequest, StepReport, start,
+    start_group,
+};
 pub use error::EngineError;
 pub use events::{EngineEvent, Finished, Timings};
+pub use group::{FaultInjection, FaultKind, GroupConfig, GroupDevices};

@@ -81,7 +81,12 @@ impl Sequence {
         let ri = dimple_model::rope_index(&ids, None, &grids, cfg)?;
         let policy = Policy::new(&req.params)?;
         let now = Instant::now();
-        let admit = AdmitSeq { id, prompt_ids: ids[..p].to_vec(), images: req.images, positions: Arc::new(ri.positions) };
+        let admit = AdmitSeq {
+            id,
+            prompt_ids: ids[..p].to_vec(),
+            images: req.images,
+            positions: Arc::new(ri.positions),
+        };
         let seq = Self {
             id,
             ids,
@@ -127,7 +132,9 @@ impl Sequence {
     /// The response slots still to fill, ascending.
     fn masked(&self) -> Vec<usize> {
         let p = self.prompt_len;
-        (0..self.response_len()).filter(|&j| !self.fixed[j] && self.ids[p + j] == self.mask_id).collect()
+        (0..self.response_len())
+            .filter(|&j| !self.fixed[j] && self.ids[p + j] == self.mask_id)
+            .collect()
     }
 
     /// This sequence's part of the next step: the whole sequence, or (cache mode after step
@@ -139,10 +146,18 @@ impl Sequence {
             id: self.id,
             response: self.ids[self.prompt_len..].to_vec(),
             window,
-            keep_prefix: if self.use_cache && !window { self.prompt_len - 1 } else { 0 },
+            keep_prefix: if self.use_cache && !window {
+                self.prompt_len - 1
+            } else {
+                0
+            },
             // Response positions are far below u32::MAX (bounded by the context length).
             masked: self.masked().into_iter().map(|j| j as u32).collect(),
-            scoring: if scorer.is_greedy() { Scoring::Greedy(scorer.kind) } else { Scoring::FullRows },
+            scoring: if scorer.is_greedy() {
+                Scoring::Greedy(scorer.kind)
+            } else {
+                Scoring::FullRows
+            },
         }
     }
 
@@ -162,9 +177,15 @@ impl Sequence {
             }
         };
         if scores.len() != masked.len() {
-            return Err(EngineError::Model(format!("{} scores for {} masked slots", scores.len(), masked.len())));
+            return Err(EngineError::Model(format!(
+                "{} scores for {} masked slots",
+                scores.len(),
+                masked.len()
+            )));
         }
-        let decision = self.policy.decide(self.step, self.num_total_mask, &scores, &mut self.rng)?;
+        let decision =
+            self.policy
+                .decide(self.step, self.num_total_mask, &scores, &mut self.rng)?;
         let mut committed = Vec::with_capacity(decision.commit.len());
         for &i in &decision.commit {
             let j = masked[i];

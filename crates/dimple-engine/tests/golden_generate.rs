@@ -9,8 +9,17 @@ use dimple_engine::EngineConfig;
 use support::*;
 
 fn check(case: &Case, out: &Outcome) {
-    assert_eq!(out.finished.steps, case.steps_taken, "{}: steps taken", case.name);
-    assert_eq!(out.history.len(), case.history.len(), "{}: history length", case.name);
+    assert_eq!(
+        out.finished.steps, case.steps_taken,
+        "{}: steps taken",
+        case.name
+    );
+    assert_eq!(
+        out.history.len(),
+        case.history.len(),
+        "{}: history length",
+        case.name
+    );
     for (s, (got, want)) in out.history.iter().zip(&case.history).enumerate() {
         assert_eq!(got, want, "{}: response after step {s}", case.name);
     }
@@ -18,7 +27,10 @@ fn check(case: &Case, out: &Outcome) {
 
 #[test]
 fn each_golden_case_alone_matches_the_reference() {
-    let engine = engine(EngineConfig { max_active: 1, ..EngineConfig::default() });
+    let engine = engine(EngineConfig {
+        max_active: 1,
+        ..EngineConfig::default()
+    });
     for case in single_cases() {
         let rx = engine.submit(case.request.clone()).unwrap();
         let out = collect(rx, initial_row(&case.request, GOLDEN_MASK_ID));

@@ -214,8 +214,8 @@ impl DimpleConfig {
 
     /// Parses and validates a `config.json` document.
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: Self =
-            serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let cfg: Self = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -256,12 +256,24 @@ impl DimpleConfig {
             ("num_key_value_heads", self.num_kv_heads()),
             ("vision_config.depth", self.vision_config.depth),
             ("vision_config.hidden_size", self.vision_config.hidden_size),
-            ("vision_config.intermediate_size", self.vision_config.intermediate_size),
+            (
+                "vision_config.intermediate_size",
+                self.vision_config.intermediate_size,
+            ),
             ("vision_config.num_heads", self.vision_config.num_heads),
             ("vision_config.patch_size", self.vision_config.patch_size),
-            ("vision_config.spatial_merge_size", self.vision_config.spatial_merge_size),
-            ("vision_config.temporal_patch_size", self.vision_config.temporal_patch_size),
-            ("vision_config.out_hidden_size", self.vision_config.out_hidden_size),
+            (
+                "vision_config.spatial_merge_size",
+                self.vision_config.spatial_merge_size,
+            ),
+            (
+                "vision_config.temporal_patch_size",
+                self.vision_config.temporal_patch_size,
+            ),
+            (
+                "vision_config.out_hidden_size",
+                self.vision_config.out_hidden_size,
+            ),
             ("vision_config.in_channels", self.vision_config.in_channels),
         ];
         for (field, v) in positive {
@@ -290,23 +302,38 @@ impl DimpleConfig {
         }
         let head_dim = self.head_dim();
         if head_dim % 2 != 0 {
-            return Err(invalid("hidden_size", format!("head_dim {head_dim} must be even")));
+            return Err(invalid(
+                "hidden_size",
+                format!("head_dim {head_dim} must be even"),
+            ));
         }
         let sec = self.mrope_section();
         if sec.len() != 3 || sec.iter().sum::<usize>() != head_dim / 2 {
             return Err(invalid(
                 "mrope_section",
-                format!("{sec:?} must have 3 entries summing to head_dim/2 = {}", head_dim / 2),
+                format!(
+                    "{sec:?} must have 3 entries summing to head_dim/2 = {}",
+                    head_dim / 2
+                ),
             ));
         }
         if !(self.rms_norm_eps > 0.0) {
-            return Err(invalid("rms_norm_eps", format!("must be > 0, got {}", self.rms_norm_eps)));
+            return Err(invalid(
+                "rms_norm_eps",
+                format!("must be > 0, got {}", self.rms_norm_eps),
+            ));
         }
         if !(self.rope_theta > 0.0) {
-            return Err(invalid("rope_theta", format!("must be > 0, got {}", self.rope_theta)));
+            return Err(invalid(
+                "rope_theta",
+                format!("must be > 0, got {}", self.rope_theta),
+            ));
         }
         if self.hidden_act != "silu" {
-            return Err(invalid("hidden_act", format!("only \"silu\" is supported, got {:?}", self.hidden_act)));
+            return Err(invalid(
+                "hidden_act",
+                format!("only \"silu\" is supported, got {:?}", self.hidden_act),
+            ));
         }
         let ids = [
             ("image_token_id", self.image_token_id),
@@ -320,31 +347,53 @@ impl DimpleConfig {
         ];
         for (field, id) in ids {
             if id as usize >= self.vocab_size {
-                return Err(invalid(field, format!("{id} is outside the vocabulary (vocab_size {})", self.vocab_size)));
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{id} is outside the vocabulary (vocab_size {})",
+                        self.vocab_size
+                    ),
+                ));
             }
         }
         let v = &self.vision_config;
         if v.hidden_size % v.num_heads != 0 {
             return Err(invalid(
                 "vision_config.hidden_size",
-                format!("{} is not divisible by vision_config.num_heads {}", v.hidden_size, v.num_heads),
+                format!(
+                    "{} is not divisible by vision_config.num_heads {}",
+                    v.hidden_size, v.num_heads
+                ),
             ));
         }
         let vhd = v.hidden_size / v.num_heads;
         if vhd % 4 != 0 {
-            return Err(invalid("vision_config.num_heads", format!("vision head_dim {vhd} must be a multiple of 4 (2-D rotary)")));
+            return Err(invalid(
+                "vision_config.num_heads",
+                format!("vision head_dim {vhd} must be a multiple of 4 (2-D rotary)"),
+            ));
         }
         if v.window_size % (v.patch_size * v.spatial_merge_size) != 0 {
             return Err(invalid(
                 "vision_config.window_size",
-                format!("{} is not a multiple of patch_size*spatial_merge_size = {}", v.window_size, v.patch_size * v.spatial_merge_size),
+                format!(
+                    "{} is not a multiple of patch_size*spatial_merge_size = {}",
+                    v.window_size,
+                    v.patch_size * v.spatial_merge_size
+                ),
             ));
         }
         if let Some(&b) = v.fullatt_block_indexes.iter().find(|&&b| b >= v.depth) {
-            return Err(invalid("vision_config.fullatt_block_indexes", format!("block {b} >= depth {}", v.depth)));
+            return Err(invalid(
+                "vision_config.fullatt_block_indexes",
+                format!("block {b} >= depth {}", v.depth),
+            ));
         }
         if v.hidden_act != "silu" {
-            return Err(invalid("vision_config.hidden_act", format!("only \"silu\" is supported, got {:?}", v.hidden_act)));
+            return Err(invalid(
+                "vision_config.hidden_act",
+                format!("only \"silu\" is supported, got {:?}", v.hidden_act),
+            ));
         }
         Ok(())
     }

@@ -41,11 +41,18 @@ pub enum ModelError {
     Comm(#[from] tp::CommError),
     /// The tensor-parallel degree cannot shard this model.
     #[error("tensor-parallel degree {degree} cannot shard this model: {reason}; valid degrees: {}", list(.valid))]
-    InvalidDegree { degree: usize, reason: String, valid: Vec<usize> },
+    InvalidDegree {
+        degree: usize,
+        reason: String,
+        valid: Vec<usize>,
+    },
 }
 
 fn list(v: &[usize]) -> String {
-    v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

@@ -42,8 +42,12 @@ impl DimpleModel {
     /// The built-in demo checkpoint (see `dimple_core::builtin`).
     pub fn builtin(dtype: DType, device: &Device) -> Result<Self> {
         let cfg = DimpleConfig::from_json(dimple_core::builtin::CONFIG_JSON)?;
-        let vb = candle_nn::VarBuilder::from_slice_safetensors(dimple_core::builtin::MODEL_SAFETENSORS, dtype, device)
-            .map_err(|e| ModelError::Weights(e.to_string()))?;
+        let vb = candle_nn::VarBuilder::from_slice_safetensors(
+            dimple_core::builtin::MODEL_SAFETENSORS,
+            dtype,
+            device,
+        )
+        .map_err(|e| ModelError::Weights(e.to_string()))?;
         Self::new(&cfg, &vb)
     }
 
@@ -53,12 +57,25 @@ impl DimpleModel {
     }
 
     /// Builds the shard of the rank of `comm` (the whole model for a group of one).
-    pub fn new_sharded(cfg: &DimpleConfig, vb: &candle_nn::VarBuilder, comm: Arc<dyn Comm>) -> Result<Self> {
+    pub fn new_sharded(
+        cfg: &DimpleConfig,
+        vb: &candle_nn::VarBuilder,
+        comm: Arc<dyn Comm>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let text = TextModel::new_sharded(cfg, vb, comm)?;
         let vision = VisionModel::new(&cfg.vision_config, vb.pp("visual"))?;
-        let projector = ImageProjector::new(cfg.vision_config.out_hidden_size, cfg.hidden_size, vb.pp("img_projector"))?;
-        Ok(Self { text, vision, projector, cfg: cfg.clone() })
+        let projector = ImageProjector::new(
+            cfg.vision_config.out_hidden_size,
+            cfg.hidden_size,
+            vb.pp("img_projector"),
+        )?;
+        Ok(Self {
+            text,
+            vision,
+            projector,
+            cfg: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &DimpleConfig {
@@ -85,7 +102,9 @@ impl DimpleModel {
     /// positions. The number of image tokens must equal the number of feature rows.
     pub fn embed(&self, ids: &[u32], image_features: Option<&Tensor>) -> Result<Tensor> {
         let tokens = self.text.embed_tokens(ids)?;
-        let slots: Vec<usize> = (0..ids.len()).filter(|&i| ids[i] == self.cfg.image_token_id).collect();
+        let slots: Vec<usize> = (0..ids.len())
+            .filter(|&i| ids[i] == self.cfg.image_token_id)
+            .collect();
         let rows = match image_features {
             Some(f) => f.dims2()?.0,
             None => 0,
@@ -96,7 +115,9 @@ impl DimpleModel {
                 slots.len()
             )));
         }
-        let Some(features) = image_features else { return Ok(tokens) };
+        let Some(features) = image_features else {
+            return Ok(tokens);
+        };
         // Gather from [token embeddings; image rows]: position i reads its own row, or the
         // next image row when it is an image token.
         let n = ids.len() as u32;
@@ -139,10 +160,18 @@ impl Checkpoint {
     pub fn load(&self, dtype: DType, device: &Device, comm: Arc<dyn Comm>) -> Result<DimpleModel> {
         let cfg = self.config()?;
         let vb = match self {
-            Checkpoint::Dir(dir) => weights::var_builder(&weights::checkpoint_files(dir)?, dtype, device)?,
-            Checkpoint::Builtin => VarBuilder::from_slice_safetensors(dimple_core::builtin::MODEL_SAFETENSORS, dtype, device)
-                .map_err(|e| ModelError::Weights(e.to_string()))?,
-            Checkpoint::Random(_) => VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone()),
+            Checkpoint::Dir(dir) => {
+                weights::var_builder(&weights::checkpoint_files(dir)?, dtype, device)?
+            }
+            Checkpoint::Builtin => VarBuilder::from_slice_safetensors(
+                dimple_core::builtin::MODEL_SAFETENSORS,
+                dtype,
+                device,
+            )
+            .map_err(|e| ModelError::Weights(e.to_string()))?,
+            Checkpoint::Random(_) => {
+                VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
+            }
         };
         DimpleModel::new_sharded(&cfg, &vb, comm)
     }
@@ -154,12 +183,21 @@ impl Checkpoint {
 struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         if s.rank() == 1 && name.ends_with("weight") {
             return Tensor::ones(s, dtype, dev);
         }
         // FNV-1a of the name: a different phase for every tensor.
-        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
         let phase = (hash % 6283) as f64 / 1000.0;
         let n = s.elem_count();
         let i = Tensor::arange(0u32, n as u32, dev)?.to_dtype(DType::F32)?;

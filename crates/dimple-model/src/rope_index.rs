@@ -30,7 +30,9 @@ pub fn rope_index(
             )));
         }
     }
-    let real: Vec<usize> = (0..ids.len()).filter(|&i| attention_mask.is_none_or(|m| m[i])).collect();
+    let real: Vec<usize> = (0..ids.len())
+        .filter(|&i| attention_mask.is_none_or(|m| m[i]))
+        .collect();
     let tokens: Vec<u32> = real.iter().map(|&i| ids[i]).collect();
     let merge = cfg.vision_config.spatial_merge_size;
 
@@ -49,12 +51,18 @@ pub fn rope_index(
             continue;
         }
         let grid = grids.get(image).ok_or_else(|| {
-            ModelError::Input(format!("the prompt has more images than the {} image grids given", grids.len()))
+            ModelError::Input(format!(
+                "the prompt has more images than the {} image grids given",
+                grids.len()
+            ))
         })?;
         let (t, h, w) = (grid[0], grid[1] / merge, grid[2] / merge);
         let n = t * h * w;
         if i + n > tokens.len() || tokens[i..i + n].iter().any(|&x| x != cfg.image_token_id) {
-            let run = tokens[i..].iter().take_while(|&&x| x == cfg.image_token_id).count();
+            let run = tokens[i..]
+                .iter()
+                .take_while(|&&x| x == cfg.image_token_id)
+                .count();
             return Err(ModelError::Input(format!(
                 "image {image} needs {n} image tokens, the prompt has a run of {run}"
             )));
@@ -86,7 +94,11 @@ pub fn rope_index(
     // The reference takes the text-only maximum over padded slots too (they hold 1), and the
     // image-path maximum over real tokens only.
     let over: &[[i64; 3]] = if grids.is_empty() { &positions } else { &pos };
-    let max = over.iter().flat_map(|p| p.iter().copied()).max().unwrap_or(0);
+    let max = over
+        .iter()
+        .flat_map(|p| p.iter().copied())
+        .max()
+        .unwrap_or(0);
     let delta = max + 1 - ids.len() as i64;
     Ok(RopeIndex { positions, delta })
 }

@@ -17,7 +17,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::tp::{ColumnParallelLinear, Comm, RowParallelLinear, Shard, SingleComm, TpLayout, VocabParallelEmbedding};
+use crate::tp::{
+    ColumnParallelLinear, Comm, RowParallelLinear, Shard, SingleComm, TpLayout,
+    VocabParallelEmbedding,
+};
 use crate::weights::{Linear, RmsNorm};
 use crate::{DimpleConfig, ModelError, Result};
 
@@ -54,7 +57,12 @@ pub fn kv_cache_bytes(cfg: &DimpleConfig, len: usize, dtype: DType) -> usize {
 
 /// Bytes one rank of a group of `world` holds for a prefix cache of `len` positions: its
 /// share of the kv heads (one head when they are replicated).
-pub fn kv_cache_bytes_per_rank(cfg: &DimpleConfig, len: usize, dtype: DType, world: usize) -> usize {
+pub fn kv_cache_bytes_per_rank(
+    cfg: &DimpleConfig,
+    len: usize,
+    dtype: DType,
+    world: usize,
+) -> usize {
     let nkv = cfg.num_kv_heads();
     let local = nkv / world.clamp(1, nkv);
     2 * cfg.num_hidden_layers * local * cfg.head_dim() * len * dtype.size_in_bytes()
@@ -96,16 +104,26 @@ impl Rope {
     fn new(cfg: &DimpleConfig) -> Self {
         let hd = cfg.head_dim();
         let base = cfg.rope_theta as f32;
-        let inv_freq: Vec<f32> = (0..hd / 2).map(|k| 1.0 / base.powf((2 * k) as f32 / hd as f32)).collect();
+        let inv_freq: Vec<f32> = (0..hd / 2)
+            .map(|k| 1.0 / base.powf((2 * k) as f32 / hd as f32))
+            .collect();
         let mut component = Vec::with_capacity(hd / 2);
         for (c, &n) in cfg.mrope_section().iter().enumerate() {
             component.extend(std::iter::repeat_n(c, n));
         }
-        Self { inv_freq, component }
+        Self {
+            inv_freq,
+            component,
+        }
     }
 
     /// cos and sin, `[len, head_dim/2]` each (the second half of a rotary row repeats the first).
-    fn tables(&self, positions: &[[i64; 3]], device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    fn tables(
+        &self,
+        positions: &[[i64; 3]],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -189,7 +207,13 @@ impl TextModel {
         let mlp_cols = layout.mlp.range(cfg.intermediate_size);
         let vocab = layout.vocab_range(cfg.vocab_size);
         let m = vb.pp("model");
-        let embed = VocabParallelEmbedding::load(&m.pp("embed_tokens"), cfg.vocab_size, h, vocab.clone(), comm.clone())?;
+        let embed = VocabParallelEmbedding::load(
+            &m.pp("embed_tokens"),
+            cfg.vocab_size,
+            h,
+            vocab.clone(),
+            comm.clone(),
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp("layers").pp(i);
@@ -198,18 +222,62 @@ impl TextModel {
             let inter = cfg.intermediate_size;
             layers.push(Layer {
                 attn: Attention {
-                    q: ColumnParallelLinear::load(&a.pp("q_proj"), h, nh * hd, true, q_rows.clone())?,
-                    k: ColumnParallelLinear::load(&a.pp("k_proj"), h, nkv * hd, true, kv_rows.clone())?,
-                    v: ColumnParallelLinear::load(&a.pp("v_proj"), h, nkv * hd, true, kv_rows.clone())?,
-                    o: RowParallelLinear::load(&a.pp("o_proj"), nh * hd, h, false, q_rows.clone(), comm.clone())?,
+                    q: ColumnParallelLinear::load(
+                        &a.pp("q_proj"),
+                        h,
+                        nh * hd,
+                        true,
+                        q_rows.clone(),
+                    )?,
+                    k: ColumnParallelLinear::load(
+                        &a.pp("k_proj"),
+                        h,
+                        nkv * hd,
+                        true,
+                        kv_rows.clone(),
+                    )?,
+                    v: ColumnParallelLinear::load(
+                        &a.pp("v_proj"),
+                        h,
+                        nkv * hd,
+                        true,
+                        kv_rows.clone(),
+                    )?,
+                    o: RowParallelLinear::load(
+                        &a.pp("o_proj"),
+                        nh * hd,
+                        h,
+                        false,
+                        q_rows.clone(),
+                        comm.clone(),
+                    )?,
                     heads: layout.heads,
                     kv_heads: layout.kv_heads,
                     head_dim: hd,
                 },
                 mlp: Mlp {
-                    gate: ColumnParallelLinear::load(&p.pp("gate_proj"), h, inter, false, mlp_cols.clone())?,
-                    up: ColumnParallelLinear::load(&p.pp("up_proj"), h, inter, false, mlp_cols.clone())?,
-                    down: RowParallelLinear::load(&p.pp("down_proj"), inter, h, false, mlp_cols.clone(), comm.clone())?,
+                    gate: ColumnParallelLinear::load(
+                        &p.pp("gate_proj"),
+                        h,
+                        inter,
+                        false,
+                        mlp_cols.clone(),
+                    )?,
+                    up: ColumnParallelLinear::load(
+                        &p.pp("up_proj"),
+                        h,
+                        inter,
+                        false,
+                        mlp_cols.clone(),
+                    )?,
+                    down: RowParallelLinear::load(
+                        &p.pp("down_proj"),
+                        inter,
+                        h,
+                        false,
+                        mlp_cols.clone(),
+                        comm.clone(),
+                    )?,
                 },
                 input_norm: RmsNorm::load(&l.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
                 post_norm: RmsNorm::load(&l.pp("post_attention_layernorm"), h, cfg.rms_norm_eps)?,
@@ -275,7 +343,11 @@ impl TextModel {
     /// cos and sin of the full rotary row (`head_dim` values) that position component
     /// `component` (0 = t, 1 = h, 2 = w) alone would give, before the M-RoPE section
     /// selection: the reference's intermediate, exposed for checks.
-    pub fn rope_component_tables(&self, positions: &[[i64; 3]], component: usize) -> (Vec<f32>, Vec<f32>) {
+    pub fn rope_component_tables(
+        &self,
+        positions: &[[i64; 3]],
+        component: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let half = self.rope.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * 2 * half);
         let mut sin = Vec::with_capacity(positions.len() * 2 * half);
@@ -303,7 +375,11 @@ impl TextModel {
 
     /// Runs the packed forward pass. With `trace`, the hidden states after the embeddings,
     /// after each layer but the last, and after the final norm are pushed (packed rows).
-    pub fn forward(&self, seqs: &[SeqInput<'_>], mut trace: Option<&mut Vec<Tensor>>) -> Result<Vec<SeqOutput>> {
+    pub fn forward(
+        &self,
+        seqs: &[SeqInput<'_>],
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Vec<SeqOutput>> {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
@@ -330,20 +406,31 @@ impl TextModel {
                 }
             }
             if s.logit_rows.end > len || s.keep_prefix > len {
-                return Err(ModelError::Input(format!("sequence {n}: logit rows or kept prefix beyond {len} tokens")));
+                return Err(ModelError::Input(format!(
+                    "sequence {n}: logit rows or kept prefix beyond {len} tokens"
+                )));
             }
             if let Some(p) = s.prefix {
                 if p.layers.len() != self.layers.len() {
-                    return Err(ModelError::Input(format!("sequence {n}: cache has {} layers", p.layers.len())));
+                    return Err(ModelError::Input(format!(
+                        "sequence {n}: cache has {} layers",
+                        p.layers.len()
+                    )));
                 }
             }
             lens.push(len);
             all_pos.extend_from_slice(s.positions);
         }
-        let embeds: Vec<Tensor> = seqs.iter().map(|s| s.embeds.to_dtype(self.dtype)).collect::<candle_core::Result<_>>()?;
+        let embeds: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| s.embeds.to_dtype(self.dtype))
+            .collect::<candle_core::Result<_>>()?;
         let mut xs = Tensor::cat(&embeds, 0)?;
         let (cos, sin) = self.rope.tables(&all_pos, &self.device, self.dtype)?;
-        let masks = seqs.iter().map(|s| self.attention_mask(s)).collect::<Result<Vec<_>>>()?;
+        let masks = seqs
+            .iter()
+            .map(|s| self.attention_mask(s))
+            .collect::<Result<Vec<_>>>()?;
         let mut caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
 
         if let Some(t) = trace.as_deref_mut() {
@@ -354,10 +441,16 @@ impl TextModel {
             let h = layer.input_norm.forward(&xs)?;
             let total = h.dims()[0];
             let heads = |lin: &ColumnParallelLinear, n: usize| -> Result<Tensor> {
-                Ok(lin.forward(&h)?.reshape((total, n, a.head_dim))?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?)
+                Ok(lin
+                    .forward(&h)?
+                    .reshape((total, n, a.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)?)
             };
             let q = candle_nn::rotary_emb::rope(&heads(&a.q, a.heads)?, &cos, &sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope(&heads(&a.k, a.kv_heads)?, &cos, &sin)?.squeeze(0)?;
+            let k =
+                candle_nn::rotary_emb::rope(&heads(&a.k, a.kv_heads)?, &cos, &sin)?.squeeze(0)?;
             let v = heads(&a.v, a.kv_heads)?.squeeze(0)?;
             let mut outs = Vec::with_capacity(seqs.len());
             let mut off = 0;
@@ -400,13 +493,21 @@ impl TextModel {
             rows.push(xs.narrow(0, off + s.logit_rows.start, s.logit_rows.len())?);
             off += lens[n];
         }
-        let logits = self.lm_head.forward(&Tensor::cat(&rows, 0)?)?.to_dtype(DType::F32)?;
+        let logits = self
+            .lm_head
+            .forward(&Tensor::cat(&rows, 0)?)?
+            .to_dtype(DType::F32)?;
         let mut out = Vec::with_capacity(seqs.len());
         let mut off = 0;
         for (n, s) in seqs.iter().enumerate() {
             let r = s.logit_rows.len();
-            let cache = (s.keep_prefix > 0).then(|| KvCache { layers: std::mem::take(&mut caches[n]) });
-            out.push(SeqOutput { logits: logits.narrow(0, off, r)?, cache });
+            let cache = (s.keep_prefix > 0).then(|| KvCache {
+                layers: std::mem::take(&mut caches[n]),
+            });
+            out.push(SeqOutput {
+                logits: logits.narrow(0, off, r)?,
+                cache,
+            });
             off += r;
         }
         Ok(out)
@@ -414,7 +515,9 @@ impl TextModel {
 
     /// Additive mask `[len, keys]` for a sequence with padding, `None` when all keys are real.
     fn attention_mask(&self, s: &SeqInput<'_>) -> Result<Option<Tensor>> {
-        let Some(valid) = s.key_valid else { return Ok(None) };
+        let Some(valid) = s.key_valid else {
+            return Ok(None);
+        };
         if valid.iter().all(|&v| v) {
             return Ok(None);
         }
@@ -435,7 +538,14 @@ impl TextModel {
     }
 
     /// Attention of `q [heads, len, hd]` over `k, v [kv_heads, keys, hd]`; returns `[len, heads*hd]`.
-    fn attend(&self, a: &Attention, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn attend(
+        &self,
+        a: &Attention,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (_, len, hd) = q.dims3()?;
         let keys = k.dims()[1];
         let group = a.heads / a.kv_heads;
@@ -445,10 +555,16 @@ impl TextModel {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut scores = (qg.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
         if let Some(m) = mask {
-            scores = scores.reshape((a.kv_heads, group, len, keys))?.broadcast_add(m)?.reshape((a.kv_heads, group * len, keys))?;
+            scores = scores
+                .reshape((a.kv_heads, group, len, keys))?
+                .broadcast_add(m)?
+                .reshape((a.kv_heads, group * len, keys))?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v.contiguous()?)?; // [kv_heads, group*len, hd]
-        Ok(out.reshape((a.heads, len, hd))?.transpose(0, 1)?.reshape((len, a.heads * hd))?)
+        Ok(out
+            .reshape((a.heads, len, hd))?
+            .transpose(0, 1)?
+            .reshape((len, a.heads * hd))?)
     }
 }

@@ -21,14 +21,22 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::Weights(format!("{}: no `weight_map` object", index.display())))?;
+            .ok_or_else(|| {
+                ModelError::Weights(format!("{}: no `weight_map` object", index.display()))
+            })?;
         let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
         if shards.is_empty() {
-            return Err(ModelError::Weights(format!("{}: empty `weight_map`", index.display())));
+            return Err(ModelError::Weights(format!(
+                "{}: empty `weight_map`",
+                index.display()
+            )));
         }
         let files: Vec<PathBuf> = shards.into_iter().map(|s| dir.join(s)).collect();
         if let Some(missing) = files.iter().find(|f| !f.exists()) {
-            return Err(ModelError::Weights(format!("shard {} listed in the index is missing", missing.display())));
+            return Err(ModelError::Weights(format!(
+                "shard {} listed in the index is missing",
+                missing.display()
+            )));
         }
         return Ok(files);
     }
@@ -43,7 +51,11 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// A memory-mapped variable store over the checkpoint's files.
-pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn var_builder(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     // SAFETY: the files are mapped read-only; the checkpoint must not be modified while the
     // model is loaded, which is the same contract every safetensors loader has.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
@@ -55,22 +67,39 @@ pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<V
 /// error that names it.
 pub fn get<S: Into<Shape>>(vb: &VarBuilder, shape: S, name: &str) -> Result<Tensor> {
     let shape: Shape = shape.into();
-    let full = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
+    let full = if vb.prefix().is_empty() {
+        name.to_string()
+    } else {
+        format!("{}.{name}", vb.prefix())
+    };
     if !vb.contains_tensor(name) {
-        return Err(ModelError::Weights(format!("missing tensor `{full}` (expected shape {shape:?})")));
+        return Err(ModelError::Weights(format!(
+            "missing tensor `{full}` (expected shape {shape:?})"
+        )));
     }
-    vb.get(shape.clone(), name)
-        .map_err(|e| ModelError::Weights(format!("tensor `{full}` (expected shape {shape:?}): {e}")))
+    vb.get(shape.clone(), name).map_err(|e| {
+        ModelError::Weights(format!("tensor `{full}` (expected shape {shape:?}): {e}"))
+    })
 }
 
 /// Fetches the slice `range` along `dim` of the checkpoint tensor `name` (whose full shape
 /// is `full`): the shard hint of a tensor-parallel layer. The whole tensor is read and the
 /// slice copied out, so the full tensor lives only for the duration of this call.
-pub fn get_sharded<S: Into<Shape>>(vb: &VarBuilder, full: S, name: &str, dim: usize, range: Range<usize>) -> Result<Tensor> {
+pub fn get_sharded<S: Into<Shape>>(
+    vb: &VarBuilder,
+    full: S,
+    name: &str,
+    dim: usize,
+    range: Range<usize>,
+) -> Result<Tensor> {
     let full: Shape = full.into();
     let size = full.dims().get(dim).copied().unwrap_or(0);
     if range.end > size || range.start > range.end {
-        let path = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
+        let path = if vb.prefix().is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", vb.prefix())
+        };
         return Err(ModelError::Weights(format!(
             "tensor `{path}`: shard {range:?} of dimension {dim} is outside its shape {full:?}"
         )));
@@ -92,7 +121,11 @@ pub struct Linear {
 impl Linear {
     pub fn load(vb: &VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let weight = get(vb, (out_dim, in_dim), "weight")?;
-        let bias = if bias { Some(get(vb, out_dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(get(vb, out_dim, "bias")?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
 
@@ -123,7 +156,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(vb: &VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: get(vb, dim, "weight")?, eps })
+        Ok(Self {
+            weight: get(vb, dim, "weight")?,
+            eps,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {

@@ -17,12 +17,22 @@ fn check_case(case: &str) {
     let pos_ref = to_i64(&t["position_ids"]); // [3, B, L]
     let deltas_ref = to_i64(&t["rope_deltas"]);
 
-    assert_eq!(model.rope_inv_freq(), to_f32(&t["rope_inv_freq"]).as_slice(), "rope_inv_freq bit-exact");
+    assert_eq!(
+        model.rope_inv_freq(),
+        to_f32(&t["rope_inv_freq"]).as_slice(),
+        "rope_inv_freq bit-exact"
+    );
 
     let mut inputs = Vec::new();
     for row in 0..b {
-        let ids: Vec<u32> = ids_all[row * l..(row + 1) * l].iter().map(|&x| x as u32).collect();
-        let valid: Vec<bool> = mask_all[row * l..(row + 1) * l].iter().map(|&m| m != 0).collect();
+        let ids: Vec<u32> = ids_all[row * l..(row + 1) * l]
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let valid: Vec<bool> = mask_all[row * l..(row + 1) * l]
+            .iter()
+            .map(|&m| m != 0)
+            .collect();
         let ri = rope_index(&ids, Some(&valid), &[], &cfg).unwrap();
         for c in 0..3 {
             let want = &pos_ref[(c * b + row) * l..(c * b + row + 1) * l];
@@ -39,7 +49,11 @@ fn check_case(case: &str) {
         assert_eq!(ri.delta, deltas_ref[row], "{case} row {row} rope delta");
         let embeds = model.embed_tokens(&ids).unwrap();
         let want = to_f32(&t["inputs_embeds"].get(row).unwrap());
-        assert_close(&format!("{case} inputs_embeds[{row}]"), &to_f32(&embeds), &want);
+        assert_close(
+            &format!("{case} inputs_embeds[{row}]"),
+            &to_f32(&embeds),
+            &want,
+        );
         inputs.push((embeds, ri.positions, valid));
     }
 
@@ -67,7 +81,11 @@ fn check_case(case: &str) {
         }
         let want = to_f32(&t["logits"].get(row).unwrap());
         assert_eq!(out[row].logits.dims(), &[l, cfg.vocab_size]);
-        assert_close(&format!("{case} logits[{row}]"), &to_f32(&out[row].logits), &want);
+        assert_close(
+            &format!("{case} logits[{row}]"),
+            &to_f32(&out[row].logits),
+            &want,
+        );
     }
 }
 
@@ -96,13 +114,23 @@ fn cached_prefix_window_equals_full_sequence() {
     let p = 20 - 1; // prompt length 20, keep all but its last token
     let full = model
         .forward(
-            &[SeqInput { embeds: embeds.clone(), positions: &ri.positions, key_valid: None, prefix: None, keep_prefix: p, logit_rows: 0..l }],
+            &[SeqInput {
+                embeds: embeds.clone(),
+                positions: &ri.positions,
+                key_valid: None,
+                prefix: None,
+                keep_prefix: p,
+                logit_rows: 0..l,
+            }],
             None,
         )
         .unwrap();
     let cache = full[0].cache.as_ref().expect("cache kept");
     assert_eq!(cache.len(), p);
-    assert_eq!(cache.bytes(), dimple_model::kv_cache_bytes(&cfg, p, candle_core::DType::F32));
+    assert_eq!(
+        cache.bytes(),
+        dimple_model::kv_cache_bytes(&cfg, p, candle_core::DType::F32)
+    );
     let window = model
         .forward(
             &[SeqInput {
@@ -119,5 +147,9 @@ fn cached_prefix_window_equals_full_sequence() {
     let want = to_f32(&full[0].logits.narrow(0, p, l - p).unwrap());
     assert_close("window logits", &to_f32(&window[0].logits), &want);
     let reference = to_f32(&t["logits"].get(0).unwrap().narrow(0, p, l - p).unwrap());
-    assert_close("window logits vs reference", &to_f32(&window[0].logits), &reference);
+    assert_close(
+        "window logits vs reference",
+        &to_f32(&window[0].logits),
+        &reference,
+    );
 }

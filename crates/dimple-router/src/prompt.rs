@@ -286,9 +286,11 @@ impl PromptBuilder {
 
     /// The tokenizer of the built-in demo model (`dimple_core::builtin`).
     pub fn builtin() -> Result<Self> {
-        let tokenizer = Tokenizer::from_bytes(dimple_core::builtin::TOKENIZER_JSON.as_bytes()).map_err(|source| {
-            PromptError::LoadTokenizer { path: std::path::PathBuf::from("<built-in demo tokenizer>"), source }
-        })?;
+        let tokenizer = Tokenizer::from_bytes(dimple_core::builtin::TOKENIZER_JSON.as_bytes())
+            .map_err(|source| PromptError::LoadTokenizer {
+                path: std::path::PathBuf::from("<built-in demo tokenizer>"),
+                source,
+            })?;
         Self::new(tokenizer, None)
     }
 

@@ -73,7 +73,10 @@ pub fn score(kind: AnswerType, answer: &str, reference: &str) -> bool {
             let first_number = |s: &str| -> Option<f64> {
                 let mut cur = String::new();
                 for c in s.chars() {
-                    if c.is_ascii_digit() || (c == '.' && !cur.is_empty()) || (c == '-' && cur.is_empty()) {
+                    if c.is_ascii_digit()
+                        || (c == '.' && !cur.is_empty())
+                        || (c == '-' && cur.is_empty())
+                    {
                         cur.push(c);
                     } else if !cur.is_empty() && cur != "-" {
                         break;
@@ -114,11 +117,20 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Item>> {
         if line.trim().is_empty() {
             continue;
         }
-        let l: Line = serde_json::from_str(line).map_err(|e| file_err(path, format!("line {}: {e}", n + 1)))?;
+        let l: Line = serde_json::from_str(line)
+            .map_err(|e| file_err(path, format!("line {}: {e}", n + 1)))?;
         let turns = match (l.messages, l.text.or(l.question)) {
             (Some(m), _) if !m.is_empty() => m,
-            (_, Some(t)) => vec![Turn { role: "user".into(), content: t }],
-            _ => return Err(file_err(path, format!("line {}: no `messages`, `text` or `question`", n + 1))),
+            (_, Some(t)) => vec![Turn {
+                role: "user".into(),
+                content: t,
+            }],
+            _ => {
+                return Err(file_err(
+                    path,
+                    format!("line {}: no `messages`, `text` or `question`", n + 1),
+                ));
+            }
         };
         let mut images = Vec::new();
         for rel in l.images.unwrap_or_default().into_iter().chain(l.image) {
@@ -140,7 +152,10 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Item>> {
         });
     }
     if items.is_empty() {
-        return Err(SweepError::Dataset(format!("{} holds no items", path.display())));
+        return Err(SweepError::Dataset(format!(
+            "{} holds no items",
+            path.display()
+        )));
     }
     Ok(items)
 }
@@ -160,29 +175,43 @@ pub struct SyntheticSpec {
 
 impl Default for SyntheticSpec {
     fn default() -> Self {
-        Self { items: 64, prompt_words: (4, 24), image_share: 0.5, image_sizes: vec![(112, 112), (224, 168)], seed: 0 }
+        Self {
+            items: 64,
+            prompt_words: (4, 24),
+            image_share: 0.5,
+            image_sizes: vec![(112, 112), (224, 168)],
+            seed: 0,
+        }
     }
 }
 
 const WORDS: &[&str] = &[
-    "what", "color", "is", "the", "square", "circle", "triangle", "how", "many", "shapes", "are", "there", "describe",
-    "image", "which", "shape", "red", "blue", "green", "yellow", "left", "right", "top", "bottom", "repeat", "cat",
-    "dog", "plus", "number", "where",
+    "what", "color", "is", "the", "square", "circle", "triangle", "how", "many", "shapes", "are",
+    "there", "describe", "image", "which", "shape", "red", "blue", "green", "yellow", "left",
+    "right", "top", "bottom", "repeat", "cat", "dog", "plus", "number", "where",
 ];
 
 /// Items with random word prompts and random-noise PNG images, no references.
 pub fn synthetic(spec: &SyntheticSpec) -> Result<Vec<Item>> {
     if spec.prompt_words.0 == 0 || spec.prompt_words.0 > spec.prompt_words.1 {
-        return Err(SweepError::Dataset(format!("prompt length range {:?} is empty", spec.prompt_words)));
+        return Err(SweepError::Dataset(format!(
+            "prompt length range {:?} is empty",
+            spec.prompt_words
+        )));
     }
     if !(0.0..=1.0).contains(&spec.image_share) {
-        return Err(SweepError::Dataset(format!("image share {} is not in [0, 1]", spec.image_share)));
+        return Err(SweepError::Dataset(format!(
+            "image share {} is not in [0, 1]",
+            spec.image_share
+        )));
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
     let mut items = Vec::with_capacity(spec.items);
     for i in 0..spec.items {
         let words = rng.random_range(spec.prompt_words.0..=spec.prompt_words.1);
-        let text: Vec<&str> = (0..words).map(|_| WORDS[rng.random_range(0..WORDS.len())]).collect();
+        let text: Vec<&str> = (0..words)
+            .map(|_| WORDS[rng.random_range(0..WORDS.len())])
+            .collect();
         let mut images = Vec::new();
         if !spec.image_sizes.is_empty() && rng.random_bool(spec.image_share) {
             let (w, h) = spec.image_sizes[rng.random_range(0..spec.image_sizes.len())];
@@ -197,7 +226,10 @@ pub fn synthetic(spec: &SyntheticSpec) -> Result<Vec<Item>> {
         }
         items.push(Item {
             id: format!("synthetic-{i}"),
-            turns: vec![Turn { role: "user".into(), content: text.join(" ") }],
+            turns: vec![Turn {
+                role: "user".into(),
+                content: text.join(" "),
+            }],
             images,
             reference: None,
             answer_type: AnswerType::Exact,
@@ -226,13 +258,27 @@ mod tests {
 
     #[test]
     fn synthetic_is_seeded_and_respects_shares() {
-        let spec = SyntheticSpec { items: 50, image_share: 1.0, ..SyntheticSpec::default() };
+        let spec = SyntheticSpec {
+            items: 50,
+            image_share: 1.0,
+            ..SyntheticSpec::default()
+        };
         let a = synthetic(&spec).unwrap();
         let b = synthetic(&spec).unwrap();
         assert_eq!(a, b);
         assert!(a.iter().all(|i| i.images.len() == 1));
-        let none = synthetic(&SyntheticSpec { image_share: 0.0, ..spec.clone() }).unwrap();
+        let none = synthetic(&SyntheticSpec {
+            image_share: 0.0,
+            ..spec.clone()
+        })
+        .unwrap();
         assert!(none.iter().all(|i| i.images.is_empty()));
-        assert!(synthetic(&SyntheticSpec { prompt_words: (5, 2), ..spec }).is_err());
+        assert!(
+            synthetic(&SyntheticSpec {
+                prompt_words: (5, 2),
+                ..spec
+            })
+            .is_err()
+        );
     }
 }

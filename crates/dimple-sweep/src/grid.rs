@@ -52,7 +52,9 @@ pub struct Config {
 impl Config {
     /// A stable, file-name-safe identifier.
     pub fn key(&self) -> String {
-        let thr = self.threshold.map_or("none".to_string(), |t| format!("{t}"));
+        let thr = self
+            .threshold
+            .map_or("none".to_string(), |t| format!("{t}"));
         let load = match self.load {
             Load::Concurrency(c) => format!("c{c}"),
             Load::Rate(r) => format!("r{r}"),
@@ -99,28 +101,44 @@ impl Grid {
         let mut thresholds = Vec::new();
         for &t in &or(&self.threshold, 0.0) {
             if !(0.0..1.0).contains(&t) {
-                return Err(SweepError::Grid(format!("`threshold` {t} is not in [0, 1)")));
+                return Err(SweepError::Grid(format!(
+                    "`threshold` {t} is not in [0, 1)"
+                )));
             }
             thresholds.push((t > 0.0).then_some(t));
         }
         let algs = or(&self.alg, "maskgit_plus".into())
             .iter()
-            .map(|a| a.parse::<Alg>().map_err(|e| SweepError::Grid(e.to_string())))
+            .map(|a| {
+                a.parse::<Alg>()
+                    .map_err(|e| SweepError::Grid(e.to_string()))
+            })
             .collect::<Result<Vec<_>>>()?;
         let pipelines = or(&self.pipeline, "dim".into())
             .iter()
-            .map(|p| p.parse::<Pipeline>().map_err(|e| SweepError::Grid(e.to_string())))
+            .map(|p| {
+                p.parse::<Pipeline>()
+                    .map_err(|e| SweepError::Grid(e.to_string()))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let mut loads: Vec<Load> = self.concurrency.iter().map(|&c| Load::Concurrency(c)).collect();
+        let mut loads: Vec<Load> = self
+            .concurrency
+            .iter()
+            .map(|&c| Load::Concurrency(c))
+            .collect();
         loads.extend(self.rate.iter().map(|&r| Load::Rate(r)));
         if loads.is_empty() {
             loads.push(Load::Concurrency(1));
         }
         for l in &loads {
             match *l {
-                Load::Concurrency(0) => return Err(SweepError::Grid("`concurrency` must be >= 1".into())),
+                Load::Concurrency(0) => {
+                    return Err(SweepError::Grid("`concurrency` must be >= 1".into()));
+                }
                 Load::Rate(r) if !(r.is_finite() && r > 0.0) => {
-                    return Err(SweepError::Grid(format!("`rate` must be > 0 requests/s, got {r}")));
+                    return Err(SweepError::Grid(format!(
+                        "`rate` must be > 0 requests/s, got {r}"
+                    )));
                 }
                 _ => {}
             }
@@ -136,7 +154,9 @@ impl Grid {
                     for &use_cache in &or(&self.use_cache, false) {
                         for &n in &or(&self.max_new_tokens, default_len) {
                             if n == 0 {
-                                return Err(SweepError::Grid("`max_new_tokens` must be >= 1".into()));
+                                return Err(SweepError::Grid(
+                                    "`max_new_tokens` must be >= 1".into(),
+                                ));
                             }
                             for &s in &or(&self.steps, 0) {
                                 for &load in &loads {
@@ -158,7 +178,9 @@ impl Grid {
             }
         }
         if out.is_empty() {
-            return Err(SweepError::Grid("the grid is empty (dream with only thresholds > 0?)".into()));
+            return Err(SweepError::Grid(
+                "the grid is empty (dream with only thresholds > 0?)".into(),
+            ));
         }
         Ok(out)
     }
@@ -188,15 +210,46 @@ mod tests {
 
     #[test]
     fn bad_grids_are_refused() {
-        assert!(Grid { threshold: vec![1.5], ..Grid::default() }.configs(8).is_err());
-        assert!(Grid { alg: vec!["nope".into()], ..Grid::default() }.configs(8).is_err());
-        assert!(Grid { concurrency: vec![0], ..Grid::default() }.configs(8).is_err());
-        assert!(Grid { rate: vec![-1.0], ..Grid::default() }.configs(8).is_err());
+        assert!(
+            Grid {
+                threshold: vec![1.5],
+                ..Grid::default()
+            }
+            .configs(8)
+            .is_err()
+        );
+        assert!(
+            Grid {
+                alg: vec!["nope".into()],
+                ..Grid::default()
+            }
+            .configs(8)
+            .is_err()
+        );
+        assert!(
+            Grid {
+                concurrency: vec![0],
+                ..Grid::default()
+            }
+            .configs(8)
+            .is_err()
+        );
+        assert!(
+            Grid {
+                rate: vec![-1.0],
+                ..Grid::default()
+            }
+            .configs(8)
+            .is_err()
+        );
     }
 
     #[test]
     fn toml_round_trip() {
-        let g: Grid = toml::from_str("threshold = [0.0, 0.5]\nconcurrency = [2]\nuse_cache = [true]\nseed = 7\n").unwrap();
+        let g: Grid = toml::from_str(
+            "threshold = [0.0, 0.5]\nconcurrency = [2]\nuse_cache = [true]\nseed = 7\n",
+        )
+        .unwrap();
         assert_eq!(g.threshold, vec![0.0, 0.5]);
         assert_eq!(g.seed, 7);
         assert!(toml::from_str::<Grid>("bogus = 1").is_err());

@@ -38,5 +38,8 @@ pub enum SweepError {
 pub type Result<T> = std::result::Result<T, SweepError>;
 
 pub(crate) fn file_err(path: &std::path::Path, e: impl std::fmt::Display) -> SweepError {
-    SweepError::File { path: path.display().to_string(), message: e.to_string() }
+    SweepError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    }
 }

@@ -39,7 +39,13 @@ pub struct Series {
 }
 
 /// Draws line+point series into a PNG file.
-pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
     REGISTER.call_once(|| {
         // The bundled font is valid TrueType; a failure would only drop the text.
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
@@ -56,7 +62,11 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         return Err(SweepError::Plot(format!("{title}: nothing to plot")));
     }
     let pad = |a: f64, b: f64| {
-        let d = if (b - a).abs() < 1e-12 { a.abs().max(1.0) * 0.1 } else { (b - a) * 0.08 };
+        let d = if (b - a).abs() < 1e-12 {
+            a.abs().max(1.0) * 0.1
+        } else {
+            (b - a) * 0.08
+        };
         (a - d, b + d)
     };
     let (x0, x1) = pad(x0, x1);
@@ -82,10 +92,15 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         for (i, s) in series.iter().enumerate() {
             let color = COLORS[i % COLORS.len()];
             chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    s.points.iter().copied(),
+                    color.stroke_width(2),
+                ))
                 .map_err(perr)?
                 .label(s.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
             chart
                 .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
                 .map_err(perr)?;
@@ -100,12 +115,18 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         root.present().map_err(perr)?;
     }
     let img = image::RgbImage::from_raw(W, H, buf).ok_or_else(|| perr("buffer size"))?;
-    img.save_with_format(path, image::ImageFormat::Png).map_err(|e| crate::file_err(path, e))
+    img.save_with_format(path, image::ImageFormat::Png)
+        .map_err(|e| crate::file_err(path, e))
 }
 
 fn setting_name(s: &Summary) -> String {
     let c = &s.config;
-    format!("{} {} cache {}", c.pipeline, c.alg, if c.use_cache { "on" } else { "off" })
+    format!(
+        "{} {} cache {}",
+        c.pipeline,
+        c.alg,
+        if c.use_cache { "on" } else { "off" }
+    )
 }
 
 /// Accuracy against mean NFE: one line per setting, one point per threshold.
@@ -113,7 +134,10 @@ pub fn accuracy_vs_nfe(path: &Path, summaries: &[Summary]) -> Result<()> {
     let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for s in summaries {
         if let Some(acc) = s.accuracy {
-            lines.entry(setting_name(s)).or_default().push((s.nfe_mean, acc));
+            lines
+                .entry(setting_name(s))
+                .or_default()
+                .push((s.nfe_mean, acc));
         }
     }
     let series: Vec<Series> = lines
@@ -124,7 +148,13 @@ pub fn accuracy_vs_nfe(path: &Path, summaries: &[Summary]) -> Result<()> {
             Series { name, points }
         })
         .collect();
-    line_chart(path, "Accuracy vs forward passes (one point per threshold)", "mean NFE", "accuracy", &series)
+    line_chart(
+        path,
+        "Accuracy vs forward passes (one point per threshold)",
+        "mean NFE",
+        "accuracy",
+        &series,
+    )
 }
 
 /// Tokens per second against concurrency (closed-loop points only).
@@ -133,7 +163,10 @@ pub fn throughput_vs_concurrency(path: &Path, summaries: &[Summary]) -> Result<(
     for s in summaries {
         if let Load::Concurrency(c) = s.config.load {
             let thr = s.config.threshold.map_or("none".into(), |t| t.to_string());
-            lines.entry(format!("{} thr {thr}", setting_name(s))).or_default().push((c as f64, s.tokens_per_s));
+            lines
+                .entry(format!("{} thr {thr}", setting_name(s)))
+                .or_default()
+                .push((c as f64, s.tokens_per_s));
         }
     }
     let series: Vec<Series> = lines
@@ -143,7 +176,13 @@ pub fn throughput_vs_concurrency(path: &Path, summaries: &[Summary]) -> Result<(
             Series { name, points }
         })
         .collect();
-    line_chart(path, "Throughput vs concurrency", "concurrent requests", "tokens / s", &series)
+    line_chart(
+        path,
+        "Throughput vs concurrency",
+        "concurrent requests",
+        "tokens / s",
+        &series,
+    )
 }
 
 /// Empirical latency CDF per configuration.
@@ -155,9 +194,20 @@ pub fn latency_cdf(path: &Path, summaries: &[Summary]) -> Result<()> {
             let n = s.latencies_s.len() as f64;
             Series {
                 name: s.key.clone(),
-                points: s.latencies_s.iter().enumerate().map(|(i, &l)| (l, (i + 1) as f64 / n)).collect(),
+                points: s
+                    .latencies_s
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (l, (i + 1) as f64 / n))
+                    .collect(),
             }
         })
         .collect();
-    line_chart(path, "Latency CDF", "latency (s)", "fraction of requests", &series)
+    line_chart(
+        path,
+        "Latency CDF",
+        "latency (s)",
+        "fraction of requests",
+        &series,
+    )
 }

@@ -25,7 +25,9 @@ pub struct OutputDir {
 impl OutputDir {
     pub fn create(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root.join("configs")).map_err(|e| file_err(root, e))?;
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -51,10 +53,16 @@ impl OutputDir {
 
     /// Records a finished configuration (written to a temporary name, then renamed).
     pub fn save(&self, summary: &Summary, records: &[Record]) -> Result<()> {
-        let path = self.root.join("configs").join(format!("{}.json", summary.key));
+        let path = self
+            .root
+            .join("configs")
+            .join(format!("{}.json", summary.key));
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string(&Done { summary: summary.clone(), records: records.to_vec() })
-            .map_err(|e| file_err(&path, e))?;
+        let text = serde_json::to_string(&Done {
+            summary: summary.clone(),
+            records: records.to_vec(),
+        })
+        .map_err(|e| file_err(&path, e))?;
         std::fs::write(&tmp, text).map_err(|e| file_err(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| file_err(&path, e))
     }
@@ -67,12 +75,22 @@ impl OutputDir {
         written.push(csv);
         let json = self.path("results.json");
         let rows: Vec<serde_json::Value> = summaries.iter().map(row_json).collect();
-        std::fs::write(&json, serde_json::to_string_pretty(&rows).unwrap_or_default()).map_err(|e| file_err(&json, e))?;
+        std::fs::write(
+            &json,
+            serde_json::to_string_pretty(&rows).unwrap_or_default(),
+        )
+        .map_err(|e| file_err(&json, e))?;
         written.push(json);
         let mut plotted = Vec::new();
         for (name, f) in [
-            ("accuracy_vs_nfe.png", plots::accuracy_vs_nfe as fn(&Path, &[Summary]) -> Result<()>),
-            ("throughput_vs_concurrency.png", plots::throughput_vs_concurrency),
+            (
+                "accuracy_vs_nfe.png",
+                plots::accuracy_vs_nfe as fn(&Path, &[Summary]) -> Result<()>,
+            ),
+            (
+                "throughput_vs_concurrency.png",
+                plots::throughput_vs_concurrency,
+            ),
             ("latency_cdf.png", plots::latency_cdf),
         ] {
             let p = self.path(name);
@@ -83,16 +101,35 @@ impl OutputDir {
             }
         }
         let md = self.path("report.md");
-        std::fs::write(&md, to_markdown(summaries, title, &plotted)).map_err(|e| file_err(&md, e))?;
+        std::fs::write(&md, to_markdown(summaries, title, &plotted))
+            .map_err(|e| file_err(&md, e))?;
         written.push(md);
         Ok(written)
     }
 }
 
 const COLUMNS: &[&str] = &[
-    "key", "pipeline", "alg", "threshold", "use_cache", "max_new_tokens", "steps", "load", "requests", "ok",
-    "accuracy", "nfe_mean", "tokens_per_forward", "latency_mean_s", "latency_p50_s", "latency_p90_s",
-    "latency_p99_s", "first_commit_mean_s", "tokens_per_s", "requests_per_s", "errors",
+    "key",
+    "pipeline",
+    "alg",
+    "threshold",
+    "use_cache",
+    "max_new_tokens",
+    "steps",
+    "load",
+    "requests",
+    "ok",
+    "accuracy",
+    "nfe_mean",
+    "tokens_per_forward",
+    "latency_mean_s",
+    "latency_p50_s",
+    "latency_p90_s",
+    "latency_p99_s",
+    "first_commit_mean_s",
+    "tokens_per_s",
+    "requests_per_s",
+    "errors",
 ];
 
 fn load_str(s: &Summary) -> String {
@@ -129,7 +166,11 @@ fn cells(s: &Summary) -> Vec<String> {
         opt(s.first_commit_mean_s),
         format!("{:.2}", s.tokens_per_s),
         format!("{:.3}", s.requests_per_s),
-        s.errors.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+        s.errors
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
     ]
 }
 
@@ -139,7 +180,13 @@ pub fn to_csv(summaries: &[Summary]) -> String {
     for s in summaries {
         let row: Vec<String> = cells(s)
             .into_iter()
-            .map(|c| if c.contains([',', '"', '\n']) { format!("\"{}\"", c.replace('"', "\"\"")) } else { c })
+            .map(|c| {
+                if c.contains([',', '"', '\n']) {
+                    format!("\"{}\"", c.replace('"', "\"\""))
+                } else {
+                    c
+                }
+            })
             .collect();
         out.push_str(&row.join(","));
         out.push('\n');
@@ -158,18 +205,51 @@ fn row_json(s: &Summary) -> serde_json::Value {
 pub fn to_markdown(summaries: &[Summary], title: &str, plots: &[&str]) -> String {
     let mut md = format!("# {title}\n\n{} configurations.\n\n", summaries.len());
     let head = [
-        "pipeline", "alg", "threshold", "cache", "n", "load", "ok/req", "accuracy", "NFE", "tok/fwd", "p50 s", "p99 s",
-        "TTFC s", "tok/s", "req/s", "errors",
+        "pipeline",
+        "alg",
+        "threshold",
+        "cache",
+        "n",
+        "load",
+        "ok/req",
+        "accuracy",
+        "NFE",
+        "tok/fwd",
+        "p50 s",
+        "p99 s",
+        "TTFC s",
+        "tok/s",
+        "req/s",
+        "errors",
     ];
     let _ = writeln!(md, "| {} |", head.join(" | "));
-    let _ = writeln!(md, "|{}|", head.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+    let _ = writeln!(
+        md,
+        "|{}|",
+        head.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+    );
     for s in summaries {
         let c = cells(s);
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            c[1], c[2], c[3], if s.config.use_cache { "on" } else { "off" }, c[5], c[7], s.ok, s.requests, c[10],
-            c[11], c[12], c[14], c[16], c[17], c[18], c[19], c[20]
+            c[1],
+            c[2],
+            c[3],
+            if s.config.use_cache { "on" } else { "off" },
+            c[5],
+            c[7],
+            s.ok,
+            s.requests,
+            c[10],
+            c[11],
+            c[12],
+            c[14],
+            c[16],
+            c[17],
+            c[18],
+            c[19],
+            c[20]
         );
     }
     for p in plots {

@@ -39,7 +39,10 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        Self { progress: false, repeats: 1 }
+        Self {
+            progress: false,
+            repeats: 1,
+        }
     }
 }
 
@@ -62,14 +65,21 @@ pub async fn run_config(
     } else {
         ProgressBar::hidden()
     };
-    let work: Arc<Vec<Arc<Item>>> = Arc::new((0..total).map(|i| items[i % items.len()].clone()).collect());
+    let work: Arc<Vec<Arc<Item>>> =
+        Arc::new((0..total).map(|i| items[i % items.len()].clone()).collect());
     let started = Instant::now();
     let mut handles = Vec::new();
     match cfg.load {
         Load::Concurrency(c) => {
             let next = Arc::new(AtomicUsize::new(0));
             for _ in 0..c.min(total).max(1) {
-                let (target, work, next, bar, cfg) = (target.clone(), work.clone(), next.clone(), bar.clone(), cfg.clone());
+                let (target, work, next, bar, cfg) = (
+                    target.clone(),
+                    work.clone(),
+                    next.clone(),
+                    bar.clone(),
+                    cfg.clone(),
+                );
                 handles.push(tokio::spawn(async move {
                     let mut out = Vec::new();
                     loop {
@@ -89,7 +99,8 @@ pub async fn run_config(
                 // Exponential inter-arrival times give a Poisson arrival process.
                 let u: f64 = rng.random_range(f64::EPSILON..1.0);
                 at += Duration::from_secs_f64(-u.ln() / rate);
-                let (target, item, bar, cfg) = (target.clone(), item.clone(), bar.clone(), cfg.clone());
+                let (target, item, bar, cfg) =
+                    (target.clone(), item.clone(), bar.clone(), cfg.clone());
                 let wait = at.saturating_sub(started.elapsed());
                 tokio::time::sleep(wait).await;
                 handles.push(tokio::spawn(async move {
@@ -124,7 +135,12 @@ pub async fn run_config(
 async fn one(target: &dyn Target, item: Arc<Item>, cfg: &Config, index: usize) -> Record {
     let params = cfg.params(cfg.seed.wrapping_add(index as u64));
     let sent = Instant::now();
-    let result = target.generate(SweepRequest { item: item.clone(), params }).await;
+    let result = target
+        .generate(SweepRequest {
+            item: item.clone(),
+            params,
+        })
+        .await;
     let latency_s = sent.elapsed().as_secs_f64();
     match result {
         Ok(r) => Record {

@@ -9,7 +9,9 @@ use std::time::Duration;
 /// Sums every `dimple_*` sample by metric name (labels folded) from an `http://host:port/path`
 /// address. Errors come back as text; a sweep goes on without server numbers.
 pub fn scrape(url: &str) -> Result<BTreeMap<String, f64>, String> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| format!("{url}: only http:// is supported"))?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// is supported"))?;
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/metrics"),
@@ -18,12 +20,18 @@ pub fn scrape(url: &str) -> Result<BTreeMap<String, f64>, String> {
         .map_err(|e| format!("{host}: {e}"))?
         .next()
         .ok_or_else(|| format!("{host}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").map_err(|e| e.to_string())?;
     let mut body = String::new();
-    s.take(32 << 20).read_to_string(&mut body).map_err(|e| e.to_string())?;
-    let text = body.split_once("\r\n\r\n").map_or(body.as_str(), |(_, b)| b);
+    s.take(32 << 20)
+        .read_to_string(&mut body)
+        .map_err(|e| e.to_string())?;
+    let text = body
+        .split_once("\r\n\r\n")
+        .map_or(body.as_str(), |(_, b)| b);
     Ok(parse(text))
 }
 
@@ -43,7 +51,10 @@ pub fn parse(text: &str) -> BTreeMap<String, f64> {
 }
 
 /// `after - before` for counters (names ending in `_total`, `_count` or `_sum`).
-pub fn delta(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+pub fn delta(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
     after
         .iter()
         .filter(|(k, _)| k.ends_with("_total") || k.ends_with("_count") || k.ends_with("_sum"))
@@ -57,7 +68,9 @@ mod tests {
 
     #[test]
     fn parses_and_diffs_counters() {
-        let a = parse("# HELP x\ndimple_requests_total{outcome=\"ok\"} 3\ndimple_requests_total{outcome=\"err\"} 1\ndimple_queue_depth 5\nother 9\n");
+        let a = parse(
+            "# HELP x\ndimple_requests_total{outcome=\"ok\"} 3\ndimple_requests_total{outcome=\"err\"} 1\ndimple_queue_depth 5\nother 9\n",
+        );
         assert_eq!(a["dimple_requests_total"], 4.0);
         assert!(!a.contains_key("other"));
         let b = parse("dimple_requests_total{outcome=\"ok\"} 10\ndimple_queue_depth 2\n");

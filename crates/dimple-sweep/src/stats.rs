@@ -51,7 +51,8 @@ impl Summary {
         let mut lat: Vec<f64> = ok.iter().map(|r| r.latency_s).collect();
         lat.sort_by(f64::total_cmp);
         let scored: Vec<bool> = ok.iter().filter_map(|r| r.correct).collect();
-        let accuracy = (!scored.is_empty()).then(|| scored.iter().filter(|&&c| c).count() as f64 / scored.len() as f64);
+        let accuracy = (!scored.is_empty())
+            .then(|| scored.iter().filter(|&&c| c).count() as f64 / scored.len() as f64);
         let firsts: Vec<f64> = ok.iter().filter_map(|r| r.first_commit_s).collect();
         let steps: usize = ok.iter().map(|r| r.steps).sum();
         let tokens: usize = ok.iter().map(|r| r.tokens).sum();
@@ -67,7 +68,13 @@ impl Summary {
                 e.1 += usize::from(c);
             }
         }
-        let mean = |v: &[f64]| if v.is_empty() { 0.0 } else { v.iter().sum::<f64>() / v.len() as f64 };
+        let mean = |v: &[f64]| {
+            if v.is_empty() {
+                0.0
+            } else {
+                v.iter().sum::<f64>() / v.len() as f64
+            }
+        };
         let wall = wall_s.max(1e-9);
         Summary {
             key: config.key(),
@@ -80,13 +87,24 @@ impl Summary {
             latency_p90_s: quantile(&lat, 0.9),
             latency_p99_s: quantile(&lat, 0.99),
             first_commit_mean_s: (!firsts.is_empty()).then(|| mean(&firsts)),
-            nfe_mean: if ok.is_empty() { 0.0 } else { steps as f64 / ok.len() as f64 },
-            tokens_per_forward: if steps == 0 { 0.0 } else { tokens as f64 / steps as f64 },
+            nfe_mean: if ok.is_empty() {
+                0.0
+            } else {
+                steps as f64 / ok.len() as f64
+            },
+            tokens_per_forward: if steps == 0 {
+                0.0
+            } else {
+                tokens as f64 / steps as f64
+            },
             tokens_per_s: tokens as f64 / wall,
             requests_per_s: ok.len() as f64 / wall,
             wall_s,
             errors,
-            accuracy_by_kind: by_kind.into_iter().map(|(k, (n, c))| (k, c as f64 / n as f64)).collect(),
+            accuracy_by_kind: by_kind
+                .into_iter()
+                .map(|(k, (n, c))| (k, c as f64 / n as f64))
+                .collect(),
             server: BTreeMap::new(),
             latencies_s: lat,
         }
@@ -114,7 +132,13 @@ mod tests {
 
     #[test]
     fn measures_by_hand() {
-        let cfg = Grid { concurrency: vec![2], ..Grid::default() }.configs(16).unwrap().remove(0);
+        let cfg = Grid {
+            concurrency: vec![2],
+            ..Grid::default()
+        }
+        .configs(16)
+        .unwrap()
+        .remove(0);
         assert_eq!(cfg.load, Load::Concurrency(2));
         let records = vec![
             rec("OK", 1.0, 2, Some(true)),

@@ -35,7 +35,8 @@ pub struct TargetError {
     pub message: String,
 }
 
-pub type TargetFuture<'a> = Pin<Box<dyn Future<Output = Result<Response, TargetError>> + Send + 'a>>;
+pub type TargetFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Response, TargetError>> + Send + 'a>>;
 
 pub trait Target: Send + Sync {
     fn generate(&self, req: SweepRequest) -> TargetFuture<'_>;
