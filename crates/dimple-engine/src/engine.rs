@@ -446,9 +446,39 @@ impl Loop {
 
     /// Admits waiting requests in order while they fit.
     fn admit(&mut self) {
-        // Requests whose client went away while waiting leave without running.
+        // Requests whose client went away while waiting leave without running; those whose
+        // deadline passed while waiting end with `DeadlineExceeded` before taking any memory.
         let before = self.waiting.len();
-        self.waiting.retain(|p| !p.events.is_closed());
+        let now = Instant::now();
+        let mask = self.model_cfg.mask_token_id;
+        self.waiting.retain(|p| {
+            if p.events.is_closed() {
+                return false;
+            }
+            if p.req.deadline.is_none_or(|d| now < d) {
+                return true;
+            }
+            let mut row = vec![mask; p.req.params.max_new_tokens];
+            for &(pos, tok) in &p.req.params.prior.fixed {
+                if let Some(slot) = row.get_mut(pos) {
+                    *slot = tok;
+                }
+            }
+            let waited = (now - p.submitted).as_secs_f64() * 1e3;
+            let _ = p
+                .events
+                .send(EngineEvent::Finished(crate::events::Finished {
+                    response_ids: row,
+                    steps: 0,
+                    finish_reason: dimple_core::params::FinishReason::DeadlineExceeded,
+                    timings: crate::events::Timings {
+                        queue_ms: waited,
+                        first_commit_ms: None,
+                        total_ms: waited,
+                    },
+                }));
+            false
+        });
         self.shared
             .waiting
             .fetch_sub(before - self.waiting.len(), Ordering::AcqRel);

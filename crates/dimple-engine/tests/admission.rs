@@ -270,6 +270,37 @@ fn a_short_deadline_stops_a_running_request_and_frees_its_cache() {
     });
 }
 
+/// A request whose deadline passes while it waits for admission ends with
+/// `DeadlineExceeded` and gives its queue place back, without waiting for the request ahead.
+#[test]
+fn a_deadline_that_passes_while_waiting_ends_the_request() {
+    let engine = engine(EngineConfig {
+        max_active: 1,
+        ..EngineConfig::default()
+    });
+    let mut ahead = engine.submit(long_request(1000)).unwrap();
+    first_step(&mut ahead);
+    let mut req = long_request(16);
+    req.deadline = Some(Instant::now() + Duration::from_millis(20));
+    let (history, done) = finish_within(
+        engine.submit(req.clone()).unwrap(),
+        initial_row(&req, GOLDEN_MASK_ID),
+        WAIT,
+    );
+    let done = done.expect("a finished event while the first request still runs");
+    assert_eq!(done.finish_reason, FinishReason::DeadlineExceeded);
+    assert!(history.is_empty() && done.steps == 0);
+    assert!(
+        matches!(
+            ahead.try_recv(),
+            Ok(EngineEvent::Step { .. }) | Err(TryRecvError::Empty)
+        ),
+        "the first request is still decoding"
+    );
+    assert_eq!(engine.stats().waiting, 0);
+    drop(ahead);
+}
+
 /// Submits `req` and returns the error message; the request must be refused at submit.
 fn refused(engine: &dimple_engine::EngineHandle, req: GenerateRequest) -> EngineError {
     match engine.submit(req) {
