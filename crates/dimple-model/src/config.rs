@@ -214,8 +214,12 @@ impl DimpleConfig {
 
     /// Parses and validates a `config.json` document.
     pub fn from_json(text: &str) -> Result<Self> {
-        let cfg: Self = serde_json::from_str(text)
-            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let de = &mut serde_json::Deserializer::from_str(text);
+        // The error names the offending field's path (e.g. `vision_config.depth`).
+        let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            ModelError::Config(format!("config.json: `{path}`: {}", e.into_inner()))
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
