@@ -224,28 +224,35 @@ struct RowStats {
     sum: f32,
 }
 
-impl RowStats {
-    fn of(row: &[f32]) -> Self {
-        let mut max = f32::NEG_INFINITY;
-        let mut second = f32::NEG_INFINITY;
-        let mut argmax = 0;
-        // Online log-sum-exp: terms already summed are rebased when a new max appears.
-        // f64 keeps the rebasing from adding error beyond torch's own f32 sum.
-        let mut sum = 0.0f64;
-        for (i, &x) in row.iter().enumerate() {
-            if x > max {
-                sum *= (f64::from(max) - f64::from(x)).exp();
-                sum += 1.0;
-                second = max;
-                max = x;
-                argmax = i;
-            } else {
-                sum += f64::from((x - max).exp());
-                if x > second {
-                    second = x;
-                }
+/// One pass over a row: max, its first index, the largest other value, and
+/// `sum exp(x - max)` in f64. Online log-sum-exp: terms already summed are rebased when a
+/// new max appears; f64 keeps the rebasing from adding error beyond torch's own f32 sum.
+/// Shared by the whole-row scorer and the vocabulary-sharded one.
+pub(crate) fn single_pass(row: &[f32]) -> (f32, usize, f32, f64) {
+    let mut max = f32::NEG_INFINITY;
+    let mut second = f32::NEG_INFINITY;
+    let mut argmax = 0;
+    let mut sum = 0.0f64;
+    for (i, &x) in row.iter().enumerate() {
+        if x > max {
+            sum *= (f64::from(max) - f64::from(x)).exp();
+            sum += 1.0;
+            second = max;
+            max = x;
+            argmax = i;
+        } else {
+            sum += f64::from((x - max).exp());
+            if x > second {
+                second = x;
             }
         }
+    }
+    (max, argmax, second, sum)
+}
+
+impl RowStats {
+    fn of(row: &[f32]) -> Self {
+        let (max, argmax, second, sum) = single_pass(row);
         Self {
             max,
             argmax,

@@ -24,24 +24,7 @@ const ENTROPY_EPS: f32 = 1e-10;
 /// The first-exchange statistics of one row slice whose first entry is vocabulary id
 /// `offset`, exactly as the policy's single pass computes them.
 pub(crate) fn slice_stats(row: &[f32], offset: usize) -> [f64; STATS] {
-    let mut max = f32::NEG_INFINITY;
-    let mut second = f32::NEG_INFINITY;
-    let mut argmax = 0usize;
-    let mut sum = 0.0f64;
-    for (i, &x) in row.iter().enumerate() {
-        if x > max {
-            sum *= (f64::from(max) - f64::from(x)).exp();
-            sum += 1.0;
-            second = max;
-            max = x;
-            argmax = i;
-        } else {
-            sum += f64::from((x - max).exp());
-            if x > second {
-                second = x;
-            }
-        }
-    }
+    let (max, argmax, second, sum) = crate::policy::single_pass(row);
     [
         f64::from(max),
         (offset + argmax) as f64,
