@@ -101,6 +101,31 @@ pub const COUNT_BUCKETS: [f64; 14] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 16384.0,
 ];
 
+/// Creates a histogram with `buckets` and registers it in `registry`.
+pub fn register_histogram(
+    registry: &prometheus::Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> prometheus::Result<prometheus::Histogram> {
+    let h = prometheus::Histogram::with_opts(
+        prometheus::HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+    )?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+/// Creates an integer gauge and registers it in `registry`.
+pub fn register_gauge(
+    registry: &prometheus::Registry,
+    name: &str,
+    help: &str,
+) -> prometheus::Result<prometheus::IntGauge> {
+    let g = prometheus::IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
 /// Produces the exposition text on each scrape (so gauges can be refreshed first).
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 

@@ -1,6 +1,9 @@
 //! The router's metrics (names in `dimple_proto::telemetry::names`).
 
-use dimple_proto::telemetry::{COUNT_BUCKETS, LATENCY_BUCKETS, OUTCOMES, names};
+use dimple_proto::telemetry::{
+    COUNT_BUCKETS, LATENCY_BUCKETS, OUTCOMES, names, register_gauge as gauge,
+    register_histogram as histogram,
+};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
@@ -17,17 +20,6 @@ pub struct RouterMetrics {
     retries: IntCounter,
     workers: IntGauge,
     inflight: IntGauge,
-}
-
-fn histogram(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    buckets: &[f64],
-) -> prometheus::Result<Histogram> {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
-    registry.register(Box::new(h.clone()))?;
-    Ok(h)
 }
 
 impl RouterMetrics {
@@ -59,10 +51,12 @@ impl RouterMetrics {
             "Attempts on another worker after a failure.",
         )?;
         registry.register(Box::new(retries.clone()))?;
-        let workers = IntGauge::new(names::ROUTER_WORKERS, "Workers known.")?;
-        registry.register(Box::new(workers.clone()))?;
-        let inflight = IntGauge::new(names::ROUTER_INFLIGHT, "Generation requests being served.")?;
-        registry.register(Box::new(inflight.clone()))?;
+        let workers = gauge(registry, names::ROUTER_WORKERS, "Workers known.")?;
+        let inflight = gauge(
+            registry,
+            names::ROUTER_INFLIGHT,
+            "Generation requests being served.",
+        )?;
         Ok(Self {
             requests,
             duration,

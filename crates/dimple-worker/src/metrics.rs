@@ -5,8 +5,11 @@
 use std::sync::Arc;
 
 use dimple_engine::{EngineStats, StepReport};
-use dimple_proto::telemetry::{COUNT_BUCKETS, LATENCY_BUCKETS, OUTCOMES, names};
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use dimple_proto::telemetry::{
+    COUNT_BUCKETS, LATENCY_BUCKETS, OUTCOMES, names, register_gauge as gauge,
+    register_histogram as histogram,
+};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct WorkerMetrics {
     requests: IntCounterVec,
@@ -21,23 +24,6 @@ pub struct WorkerMetrics {
     cache_budget: IntGauge,
     queue_depth: IntGauge,
     active: IntGauge,
-}
-
-fn histogram(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    buckets: &[f64],
-) -> prometheus::Result<Histogram> {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
-    registry.register(Box::new(h.clone()))?;
-    Ok(h)
-}
-
-fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
-    let g = IntGauge::new(name, help)?;
-    registry.register(Box::new(g.clone()))?;
-    Ok(g)
 }
 
 impl WorkerMetrics {
