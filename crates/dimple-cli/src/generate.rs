@@ -241,12 +241,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let default_len = default_response_len(&source);
     let params = args.decode.params(default_len)?;
     let n = params.max_new_tokens;
-    let mut row = vec![cfg.mask_token_id; n];
-    for &(p, t) in &params.prior.fixed {
-        if p < n {
-            row[p] = t;
-        }
-    }
+    let mut row = params.initial_response(cfg.mask_token_id);
     let request = GenerateRequest {
         prompt_ids,
         images: images.into_iter().map(EngineImage::from).collect(),

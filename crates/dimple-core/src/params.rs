@@ -297,6 +297,18 @@ impl DecodeParams {
         self.use_original_confidence && self.pipeline == Pipeline::Dim
     }
 
+    /// The response row before step 0: `max_new_tokens` mask ids with the structure prior's
+    /// tokens placed (positions outside the row are ignored; validation refuses them).
+    pub fn initial_response(&self, mask_token_id: u32) -> Vec<u32> {
+        let mut row = vec![mask_token_id; self.max_new_tokens];
+        for &(p, t) in &self.prior.fixed {
+            if let Some(slot) = row.get_mut(p) {
+                *slot = t;
+            }
+        }
+        row
+    }
+
     pub fn validate(&self, limits: &DecodeLimits) -> Result<(), ParamError> {
         if self.max_new_tokens == 0 || self.max_new_tokens > limits.max_new_tokens {
             return Err(out_of_range(

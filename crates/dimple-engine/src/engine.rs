@@ -458,12 +458,7 @@ impl Loop {
             if p.req.deadline.is_none_or(|d| now < d) {
                 return true;
             }
-            let mut row = vec![mask; p.req.params.max_new_tokens];
-            for &(pos, tok) in &p.req.params.prior.fixed {
-                if let Some(slot) = row.get_mut(pos) {
-                    *slot = tok;
-                }
-            }
+            let row = p.req.params.initial_response(mask);
             let waited = (now - p.submitted).as_secs_f64() * 1e3;
             let _ = p
                 .events

@@ -69,10 +69,9 @@ impl Sequence {
         let p = req.prompt_ids.len();
         let n = req.params.max_new_tokens;
         let mut ids = req.prompt_ids;
-        ids.extend(std::iter::repeat_n(cfg.mask_token_id, n));
+        ids.extend(req.params.initial_response(cfg.mask_token_id));
         let mut fixed = vec![false; n];
-        for &(pos, tok) in &req.params.prior.fixed {
-            ids[p + pos] = tok;
+        for &(pos, _) in &req.params.prior.fixed {
             fixed[pos] = true;
         }
         let num_total_mask = fixed.iter().filter(|&&f| !f).count();

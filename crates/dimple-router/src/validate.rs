@@ -67,13 +67,7 @@ pub struct ValidRequest {
 impl ValidRequest {
     /// The response row before step 0: masks, with the structure prior's tokens placed.
     pub fn initial_row(&self, mask_token_id: u32) -> Vec<u32> {
-        let mut row = vec![mask_token_id; self.params.max_new_tokens];
-        for &(p, t) in &self.params.prior.fixed {
-            if let Some(slot) = row.get_mut(p) {
-                *slot = t;
-            }
-        }
-        row
+        self.params.initial_response(mask_token_id)
     }
 }
 
