@@ -1,34 +1,63 @@
-//! `dimple bench-random` (hidden): decoding throughput on a model with pseudo-random
-//! weights of a real shape (Dimple-7B by default), for machines that have a GPU but not the
-//! weights. For each concurrency level it submits that many requests at once and prints the
-//! mean forward-step time and the response tokens per second. Used by `scripts/gpu-check.sh`.
+//! `dimple bench-random` (hidden): decoding speed on a model with pseudo-random weights of a
+//! real shape, for machines without the weights.
+//!
+//! One run measures two things side by side:
+//! 1. the machine's achievable matrix-multiply rate: plain matmuls at the model's own
+//!    shapes (the MLP and `lm_head` projections) on the same device and dtype, the best of
+//!    several sizes;
+//! 2. the engine at each concurrency level and cache mode: that many identical-shaped
+//!    requests submitted at once, with per-request latency, response slots per second, and
+//!    the *useful* FLOP rate of the steps: the matmul work a step needs (linear layers over
+//!    the tokens it runs, attention against the keys it sees, `lm_head` over the slots it
+//!    scores) divided by wall time, and that rate as a fraction of (1).
+//!
+//! The FLOP count is derived from the requests' own step events and the model shape, not
+//! from engine internals, so the same file measures any engine that keeps the public API.
+//! `scripts/speed-bench.sh` runs it for the current tree and a baseline commit in one go.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use dimple_core::params::DecodeParams;
-use dimple_engine::{EngineConfig, EngineEvent, GenerateRequest, StepReport};
+use dimple_engine::{EngineConfig, EngineEvent, GenerateRequest, GroupDevices, StepReport};
 use dimple_model::{Checkpoint, DimpleConfig};
 
 use crate::generate::RankArgs;
 
 #[derive(Args, Debug)]
 pub struct BenchRandomArgs {
-    /// `7b` (Dimple-7B: 28 layers, hidden 3584, 28/4 heads, MLP 18944, vocab 152064) or
-    /// `small` (4 layers, hidden 512, 8/2 heads, MLP 1408, vocab 8192).
+    /// `7b` (Dimple-7B: 28 layers, hidden 3584, 28/4 heads, MLP 18944, vocab 152064),
+    /// `speed` (8 layers, hidden 512, 8/2 heads, MLP 1536, vocab 32768) or `small`
+    /// (4 layers, hidden 512, 8/2 heads, MLP 1408, vocab 8192).
     #[arg(long, default_value = "7b")]
     pub shape: String,
+    /// Concurrency levels: this many requests are submitted at once.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 8, 32])]
     pub concurrency: Vec<usize>,
+    /// Response slots per request.
     #[arg(long, default_value_t = 64)]
     pub response_tokens: usize,
+    /// Diffusion steps per request (the schedule commits response/steps slots per step).
+    #[arg(long)]
+    pub steps: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
-    /// Prefilling (prompt K/V computed once).
+    /// Cache modes to measure: `exact` (every step recomputes the prompt) and/or `cached`
+    /// (prefilling).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["exact".to_string()])]
+    pub modes: Vec<String>,
+    /// Prefilling only (the same as `--modes cached`).
     #[arg(long)]
     pub cache: bool,
+    /// Rounds per concurrency level (the first round of the run is a separate warm-up).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Skip the plain-matmul measurement.
+    #[arg(long)]
+    pub no_matmul: bool,
     #[command(flatten)]
     pub ranks: RankArgs,
 }
@@ -45,14 +74,133 @@ fn shape(name: &str) -> anyhow::Result<DimpleConfig> {
                 "pad_token_id": 8185, "eos_token_id": 8185,
                 "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 512, "fullatt_block_indexes": [0]}}"#
         }
-        other => bail!("`--shape` must be 7b or small, got {other:?}"),
+        "speed" => {
+            r#"{"num_key_value_heads": 2, "num_hidden_layers": 8, "hidden_size": 512, "num_attention_heads": 8,
+                "intermediate_size": 1536, "vocab_size": 32768, "mrope_section": [8, 12, 12],
+                "image_token_id": 32762, "video_token_id": 32763, "vision_start_token_id": 32764,
+                "vision_end_token_id": 32765, "vision_token_id": 32766, "mask_token_id": 32767,
+                "pad_token_id": 32761, "eos_token_id": 32761,
+                "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 512, "fullatt_block_indexes": [0]}}"#
+        }
+        other => bail!("`--shape` must be 7b, speed or small, got {other:?}"),
     };
     Ok(DimpleConfig::from_json(json)?)
+}
+
+/// Matmul FLOPs of the model's work, from its shape.
+struct FlopModel {
+    /// Per token, all layers' linear projections.
+    linear_per_token: f64,
+    /// Per (query, key) pair, all layers: QK^T and PV over every query head.
+    attn_per_pair: f64,
+    /// Per scored row.
+    lm_head_per_row: f64,
+}
+
+impl FlopModel {
+    fn new(c: &DimpleConfig) -> Self {
+        let (h, hd) = (c.hidden_size as f64, c.head_dim() as f64);
+        let (nh, nkv) = (c.num_attention_heads as f64, c.num_kv_heads() as f64);
+        let layers = c.num_hidden_layers as f64;
+        let per_layer = h * nh * hd * 2.0 + h * nkv * hd * 2.0 + 3.0 * h * c.intermediate_size as f64;
+        Self {
+            linear_per_token: 2.0 * per_layer * layers,
+            attn_per_pair: 2.0 * 2.0 * nh * hd * layers,
+            lm_head_per_row: 2.0 * h * c.vocab_size as f64,
+        }
+    }
+
+    /// One step of one request: `queries` tokens run against `keys` keys, `scored` rows.
+    fn step(&self, queries: usize, keys: usize, scored: usize) -> f64 {
+        queries as f64 * self.linear_per_token
+            + (queries * keys) as f64 * self.attn_per_pair
+            + scored as f64 * self.lm_head_per_row
+    }
+
+    /// A whole request from its per-step committed counts.
+    fn request(&self, prompt: usize, slots: usize, cached: bool, committed: &[usize]) -> f64 {
+        let mut masked = slots;
+        let mut total = 0.0;
+        for (k, &c) in committed.iter().enumerate() {
+            let queries = if cached && k > 0 { 1 + slots } else { prompt + slots };
+            total += self.step(queries, prompt + slots, masked);
+            masked = masked.saturating_sub(c);
+        }
+        total
+    }
+}
+
+/// Best matmul rate (FLOP/s) at the model's shapes, as `x [m, k] @ w[n, k]^T` like a linear
+/// layer.
+fn matmul_peak(c: &DimpleConfig, device: &Device, dtype: DType) -> anyhow::Result<Vec<(String, f64)>> {
+    let (h, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let shapes = [
+        (128, h, inter),
+        (512, h, inter),
+        (2048, h, inter),
+        (2048, inter, h),
+        (64, h, vocab),
+        (512, h, vocab),
+    ];
+    let mut out = Vec::new();
+    for (m, k, n) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (m, k), device)?.to_dtype(dtype)?;
+        let w = Tensor::randn(0f32, 0.05, (n, k), device)?.to_dtype(dtype)?;
+        let wt = w.t()?;
+        let _ = x.matmul(&wt)?;
+        device.synchronize()?;
+        let started = Instant::now();
+        let mut runs = 0u32;
+        while started.elapsed() < Duration::from_millis(400) || runs < 3 {
+            let _ = x.matmul(&wt)?;
+            runs += 1;
+        }
+        device.synchronize()?;
+        let secs = started.elapsed().as_secs_f64() / runs as f64;
+        out.push((format!("{m}x{k} @ {k}x{n}"), 2.0 * (m * k * n) as f64 / secs));
+    }
+    Ok(out)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
 }
 
 pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
     let cfg = shape(&a.shape)?;
     let group = a.ranks.group()?;
+    let device = match group.devices {
+        GroupDevices::Cpu => Device::Cpu,
+        GroupDevices::Cuda { first_ordinal } => Device::new_cuda(first_ordinal)?,
+    };
+    let modes: Vec<bool> = if a.cache {
+        vec![true]
+    } else {
+        a.modes
+            .iter()
+            .map(|m| match m.as_str() {
+                "exact" => Ok(false),
+                "cached" => Ok(true),
+                other => bail!("`--modes` takes exact and cached, got {other:?}"),
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let flops = FlopModel::new(&cfg);
+
+    let mut peak = 0.0f64;
+    if !a.no_matmul {
+        println!("matmul at the model's shapes ({:?}, {:?}):", group.devices, group.dtype);
+        for (name, rate) in matmul_peak(&cfg, &device, group.dtype)? {
+            println!("  {name:<24} {:8.1} GFLOP/s", rate / 1e9);
+            peak = peak.max(rate);
+        }
+        println!("  best: {:.1} GFLOP/s", peak / 1e9);
+    }
+
     let max_c = a.concurrency.iter().copied().max().unwrap_or(1);
     let log: Arc<Mutex<Vec<StepReport>>> = Arc::new(Mutex::new(Vec::new()));
     let sink = log.clone();
@@ -85,14 +233,15 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
     );
     // Text ids well below the special ids at the top of the vocabulary.
     let text_ids = (cfg.vocab_size - 1024).min(150_000) as u64;
-    let request = |salt: u64| {
+    let steps = a.steps.unwrap_or(a.response_tokens);
+    let request = |salt: u64, cached: bool| {
         let prompt_ids = (0..a.prompt_tokens as u64)
             .map(|i| ((i * 7919 + salt * 104_729) % text_ids) as u32)
             .collect();
         let params = DecodeParams {
             max_new_tokens: a.response_tokens,
-            steps: a.response_tokens,
-            use_cache: a.cache,
+            steps,
+            use_cache: cached,
             ..DecodeParams::default()
         };
         GenerateRequest {
@@ -102,54 +251,120 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
             deadline: None,
         }
     };
-    let run_level = |c: usize, salt: u64| -> anyhow::Result<(f64, usize, usize)> {
+    struct Level {
+        wall: f64,
+        latencies: Vec<f64>,
+        slots: usize,
+        useful_flops: f64,
+    }
+    let run_level = |c: usize, salt: u64, cached: bool| -> anyhow::Result<Level> {
         let started = Instant::now();
         let rxs = (0..c)
-            .map(|i| engine.submit(request(salt + i as u64)))
+            .map(|i| engine.submit(request(salt + i as u64, cached)))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut tokens = 0;
+        let mut level = Level {
+            wall: 0.0,
+            latencies: Vec::with_capacity(c),
+            slots: 0,
+            useful_flops: 0.0,
+        };
         for mut rx in rxs {
+            let mut committed = Vec::new();
             loop {
                 match rx.blocking_recv().context("the engine stopped")? {
-                    EngineEvent::Step { committed, .. } => tokens += committed.len(),
+                    EngineEvent::Step { committed: c, .. } => {
+                        level.slots += c.len();
+                        committed.push(c.len());
+                    }
                     EngineEvent::Finished(_) => break,
                     EngineEvent::Failed(e) => bail!("request failed: {e}"),
                 }
             }
+            level.latencies.push(started.elapsed().as_secs_f64());
+            level.useful_flops +=
+                flops.request(a.prompt_tokens, a.response_tokens, cached, &committed);
         }
-        Ok((started.elapsed().as_secs_f64(), tokens, c))
+        level.wall = started.elapsed().as_secs_f64();
+        Ok(level)
     };
-    // Warm-up: kernels load (and PTX is compiled) on first use.
+    // Warm-up: buffers, thread pools, and on a GPU kernel loading, on first use.
     let warm = Instant::now();
-    run_level(1, 0)?;
-    eprintln!("warm-up request: {:.2} s", warm.elapsed().as_secs_f64());
+    for &cached in &modes {
+        run_level(1, 0, cached)?;
+    }
+    eprintln!("warm-up: {:.2} s", warm.elapsed().as_secs_f64());
     println!(
-        "| tp | concurrency | steps | mean step ms | p50 step ms | tokens/step | tokens/s | wall s |"
+        "\n{} model, {} prompt + {} response slots, {} steps, tp {}:",
+        a.shape, a.prompt_tokens, a.response_tokens, steps, a.ranks.tp
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    for (k, &c) in a.concurrency.iter().enumerate() {
-        if let Ok(mut l) = log.lock() {
-            l.clear();
+    println!(
+        "| mode | concurrency | forward passes | mean step ms | request p50 s | request max s | slots/s | useful GFLOP/s | of matmul best |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &cached in &modes {
+        for (k, &c) in a.concurrency.iter().enumerate() {
+            let mut agg = Level {
+                wall: 0.0,
+                latencies: Vec::new(),
+                slots: 0,
+                useful_flops: 0.0,
+            };
+            if let Ok(mut l) = log.lock() {
+                l.clear();
+            }
+            for round in 0..a.rounds.max(1) {
+                let lv = run_level(c, 1_000 * (k as u64 + 1) + 97 * round as u64, cached)?;
+                agg.wall += lv.wall;
+                agg.latencies.extend(lv.latencies);
+                agg.slots += lv.slots;
+                agg.useful_flops += lv.useful_flops;
+            }
+            let steps: Vec<f64> = log
+                .lock()
+                .map(|l| l.iter().map(|r| r.seconds).collect())
+                .unwrap_or_default();
+            let mean_step = steps.iter().sum::<f64>() / steps.len().max(1) as f64;
+            agg.latencies.sort_by(f64::total_cmp);
+            let rate = agg.useful_flops / agg.wall;
+            println!(
+                "| {} | {c} | {} | {:.1} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
+                if cached { "cached" } else { "exact" },
+                steps.len(),
+                mean_step * 1e3,
+                percentile(&agg.latencies, 0.5),
+                agg.latencies.last().copied().unwrap_or(0.0),
+                agg.slots as f64 / agg.wall,
+                rate / 1e9,
+                if peak > 0.0 {
+                    format!("{:.0}%", 100.0 * rate / peak)
+                } else {
+                    "-".into()
+                }
+            );
         }
-        let (wall, tokens, _) = run_level(c, 1_000 * (k as u64 + 1))?;
-        let mut steps: Vec<f64> = log
-            .lock()
-            .map(|l| l.iter().map(|r| r.seconds).collect())
-            .unwrap_or_default();
-        steps.sort_by(f64::total_cmp);
-        let mean = steps.iter().sum::<f64>() / steps.len().max(1) as f64;
-        let p50 = steps.get(steps.len() / 2).copied().unwrap_or(0.0);
-        println!(
-            "| {} | {c} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
-            a.ranks.tp,
-            steps.len(),
-            mean * 1e3,
-            p50 * 1e3,
-            tokens as f64 / steps.len().max(1) as f64,
-            tokens as f64 / wall,
-            wall
-        );
     }
     engine.shutdown();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flop_model_counts_the_work_a_step_needs() {
+        let c = shape("speed").unwrap();
+        let f = FlopModel::new(&c);
+        // Per layer: q and o 512x512, k and v 512x128, three MLP projections 512x1536.
+        let per_layer = 2.0 * 512.0 * 512.0 + 2.0 * 512.0 * 128.0 + 3.0 * 512.0 * 1536.0;
+        assert_eq!(f.linear_per_token, 2.0 * 8.0 * per_layer);
+        assert_eq!(f.lm_head_per_row, 2.0 * 512.0 * 32768.0);
+        // Exact mode runs prompt + response every step; cached mode only the window after
+        // the first step. Scored rows shrink as slots commit.
+        let exact = f.request(64, 64, false, &[32, 32]);
+        let cached = f.request(64, 64, true, &[32, 32]);
+        assert_eq!(exact, f.step(128, 128, 64) + f.step(128, 128, 32));
+        assert_eq!(cached, f.step(128, 128, 64) + f.step(65, 128, 32));
+        assert!(cached < exact);
+    }
 }

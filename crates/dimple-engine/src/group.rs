@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use dimple_model::tp::{Comm, CommError, LocalComm, SingleComm};
-use dimple_model::{Checkpoint, DimpleConfig, DimpleModel, KvCache, ModelError, SeqInput};
+use dimple_model::{
+    Checkpoint, DimpleConfig, DimpleModel, KvCache, LogitRows, ModelError, SeqInput,
+};
 
 use crate::EngineError;
 use crate::engine::EngineImage;
@@ -206,7 +208,10 @@ impl Group {
         let (reply_tx, reply_rx) = channel();
         let thread = std::thread::Builder::new()
             .name("dimple-rank-0".into())
-            .spawn(move || Rank::new(model, None).serve(rx, reply_tx))
+            .spawn(move || {
+                let rank = Rank::new(model, None);
+                in_rank_pool(0, 1, move || rank.serve(rx, reply_tx));
+            })
             .map_err(|e| EngineError::Unavailable(format!("cannot start the rank thread: {e}")))?;
         Ok(Self {
             ranks: vec![RankHandle {
@@ -267,7 +272,8 @@ impl Group {
                         return;
                     }
                     let fault = group.fault.filter(|f| f.rank == rank);
-                    Rank::new(model, fault).serve(rx, reply_tx);
+                    let r = Rank::new(model, fault);
+                    in_rank_pool(rank, world, move || r.serve(rx, reply_tx));
                 })
                 .map_err(|e| {
                     EngineError::Unavailable(format!("cannot start rank thread {rank}: {e}"))
@@ -444,6 +450,30 @@ fn load_rank(
     checkpoint.load(group.dtype, &device, comm)
 }
 
+/// Runs a rank's loop on a thread pool of its own, sized to its share of the machine's
+/// cores: the host kernels split their work over this pool, the rank's own thread being
+/// one of its workers, so no more threads compute than there are cores (threads that
+/// outnumber the cores spin against each other at every parallel hand-off).
+fn in_rank_pool(rank: usize, world: usize, run: impl FnOnce() + Send) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = std::env::var("DIMPLE_CPU_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or((cores / world.max(1)).max(1));
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(move |i| format!("dimple-rank-{rank}-{i}"))
+        .build()
+    {
+        Ok(pool) => pool.install(run),
+        Err(e) => {
+            tracing::warn!(rank, error = %e, "no rank thread pool; using the global one");
+            run()
+        }
+    }
+}
+
 pub(crate) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
@@ -602,7 +632,6 @@ impl Rank {
         for (s, e) in steps.iter().zip(embeds) {
             let seq = &self.seqs[&s.id];
             let p = seq.prompt_embeds.dims()[0];
-            let n = s.response.len();
             let input = if s.window {
                 let cache = seq.cache.as_ref().ok_or_else(|| {
                     RankFailure::own(format!("sequence {}: no prefix cache", s.id))
@@ -613,7 +642,8 @@ impl Rank {
                     key_valid: None,
                     prefix: Some(cache),
                     keep_prefix: 0,
-                    logit_rows: 0..n,
+                    // Slot m reads the logits of the token before it: row m of the window.
+                    logit_rows: LogitRows::List(s.masked.iter().map(|&m| m as usize).collect()),
                 }
             } else {
                 SeqInput {
@@ -622,7 +652,9 @@ impl Rank {
                     key_valid: None,
                     prefix: None,
                     keep_prefix: s.keep_prefix,
-                    logit_rows: p - 1..p - 1 + n,
+                    logit_rows: LogitRows::List(
+                        s.masked.iter().map(|&m| p - 1 + m as usize).collect(),
+                    ),
                 }
             };
             inputs.push(input);
@@ -643,8 +675,8 @@ impl Rank {
                 results.push(SlotOutput::Scores(Vec::new()));
                 continue;
             }
-            let idx = Tensor::from_slice(&s.masked, s.masked.len(), out.logits.device())?;
-            let rows = out.logits.index_select(&idx, 0)?;
+            // The model computed logits for the masked slots only, in their order.
+            let rows = out.logits;
             match s.scoring {
                 Scoring::FullRows => {
                     let full = text.gather_vocab(&rows)?;

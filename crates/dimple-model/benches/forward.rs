@@ -35,7 +35,7 @@ fn forward(model: &DimpleModel, seqs: &[(Vec<u32>, Vec<[i64; 3]>)]) -> usize {
             key_valid: None,
             prefix: None,
             keep_prefix: 0,
-            logit_rows: 0..ids.len(),
+            logit_rows: (0..ids.len()).into(),
         })
         .collect();
     let out = model.text.forward(&inputs, None).expect("forward pass");

@@ -48,7 +48,7 @@ fn step(model: &DimpleModel, positions: &[[i64; 3]]) -> usize {
                 key_valid: None,
                 prefix: None,
                 keep_prefix: 0,
-                logit_rows: LEN - RESPONSE..LEN,
+                logit_rows: (LEN - RESPONSE..LEN).into(),
             }
         })
         .collect();

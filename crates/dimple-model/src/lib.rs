@@ -7,6 +7,7 @@
 //! trait with its thread-local and NCCL groups, the sharded layers, the valid degrees).
 
 pub mod config;
+mod cpu;
 pub mod model;
 pub mod preprocess;
 pub mod rope_index;
@@ -18,7 +19,7 @@ pub mod weights;
 pub use config::{DimpleConfig, VisionConfig};
 pub use model::{Checkpoint, DimpleModel};
 pub use rope_index::{RopeIndex, rope_index};
-pub use text::{KvCache, SeqInput, SeqOutput, TextModel, kv_cache_bytes, kv_cache_bytes_per_rank};
+pub use text::{KvCache, LogitRows, SeqInput, SeqOutput, TextModel, kv_cache_bytes, kv_cache_bytes_per_rank};
 pub use tp::{Comm, CommError, LocalComm, SingleComm, TpLayout, check_degree, valid_degrees};
 
 /// Errors from loading or running the model.

@@ -17,6 +17,9 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::cpu::{
+    self, HeadLayout, HostTensors, Mat, SeqKeys, add_bias, rms_norm, rope_in_place, silu_mul,
+};
 use crate::tp::{
     ColumnParallelLinear, Comm, RowParallelLinear, Shard, SingleComm, TpLayout,
     VocabParallelEmbedding,
@@ -68,6 +71,56 @@ pub fn kv_cache_bytes_per_rank(
     2 * cfg.num_hidden_layers * local * cfg.head_dim() * len * dtype.size_in_bytes()
 }
 
+/// Which rows of a sequence's new tokens get logits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogitRows {
+    /// A contiguous run of rows.
+    Range(Range<usize>),
+    /// These rows, in this order (a step scores only its masked slots).
+    List(Vec<usize>),
+}
+
+impl LogitRows {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Range(r) => r.len(),
+            Self::List(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One past the largest row, 0 when empty.
+    fn end(&self) -> usize {
+        match self {
+            Self::Range(r) if r.is_empty() => 0,
+            Self::Range(r) => r.end,
+            Self::List(v) => v.iter().max().map_or(0, |m| m + 1),
+        }
+    }
+
+    fn rows(&self) -> Vec<usize> {
+        match self {
+            Self::Range(r) => r.clone().collect(),
+            Self::List(v) => v.clone(),
+        }
+    }
+}
+
+impl From<Range<usize>> for LogitRows {
+    fn from(r: Range<usize>) -> Self {
+        Self::Range(r)
+    }
+}
+
+impl From<Vec<usize>> for LogitRows {
+    fn from(v: Vec<usize>) -> Self {
+        Self::List(v)
+    }
+}
+
 /// One sequence of a packed forward call.
 pub struct SeqInput<'a> {
     /// Input embeddings of the new tokens, `[len, hidden]` (images already placed).
@@ -82,7 +135,7 @@ pub struct SeqInput<'a> {
     /// Return the keys/values of this many leading new tokens as a cache (0: none).
     pub keep_prefix: usize,
     /// Rows of the new tokens whose logits are wanted.
-    pub logit_rows: Range<usize>,
+    pub logit_rows: LogitRows,
 }
 
 /// Result for one sequence.
@@ -117,13 +170,8 @@ impl Rope {
         }
     }
 
-    /// cos and sin, `[len, head_dim/2]` each (the second half of a rotary row repeats the first).
-    fn tables(
-        &self,
-        positions: &[[i64; 3]],
-        device: &Device,
-        dtype: DType,
-    ) -> Result<(Tensor, Tensor)> {
+    /// cos and sin, `head_dim/2` values per position each, in f32 on the host.
+    fn host_tables(&self, positions: &[[i64; 3]]) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
@@ -134,6 +182,18 @@ impl Rope {
                 sin.push(angle.sin());
             }
         }
+        (cos, sin)
+    }
+
+    /// cos and sin, `[len, head_dim/2]` each (the second half of a rotary row repeats the first).
+    fn tables(
+        &self,
+        positions: &[[i64; 3]],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let (cos, sin) = self.host_tables(positions);
         let cos = Tensor::from_vec(cos, (positions.len(), half), device)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (positions.len(), half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
@@ -142,9 +202,8 @@ impl Rope {
 
 /// Attention over the rank's heads (all of them in a group of one).
 struct Attention {
-    q: ColumnParallelLinear,
-    k: ColumnParallelLinear,
-    v: ColumnParallelLinear,
+    /// q, k and v fused into one projection: output columns `[q heads | k heads | v heads]`.
+    qkv: ColumnParallelLinear,
     o: RowParallelLinear,
     heads: usize,
     kv_heads: usize,
@@ -152,15 +211,19 @@ struct Attention {
 }
 
 struct Mlp {
-    gate: ColumnParallelLinear,
-    up: ColumnParallelLinear,
+    /// gate and up fused into one projection: output columns `[gate | up]`.
+    gate_up: ColumnParallelLinear,
+    /// The rank's MLP columns.
+    inter: usize,
     down: RowParallelLinear,
 }
 
 impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
-        self.down.forward(&(g * self.up.forward(xs)?)?)
+        let gu = self.gate_up.forward(xs)?;
+        let g = candle_nn::ops::silu(&gu.narrow(1, 0, self.inter)?)?;
+        self.down
+            .forward(&(g * gu.narrow(1, self.inter, self.inter)?)?)
     }
 }
 
@@ -220,29 +283,15 @@ impl TextModel {
             let a = l.pp("self_attn");
             let p = l.pp("mlp");
             let inter = cfg.intermediate_size;
+            let q = ColumnParallelLinear::load(&a.pp("q_proj"), h, nh * hd, true, q_rows.clone())?;
+            let k = ColumnParallelLinear::load(&a.pp("k_proj"), h, nkv * hd, true, kv_rows.clone())?;
+            let v = ColumnParallelLinear::load(&a.pp("v_proj"), h, nkv * hd, true, kv_rows.clone())?;
+            let gate =
+                ColumnParallelLinear::load(&p.pp("gate_proj"), h, inter, false, mlp_cols.clone())?;
+            let up = ColumnParallelLinear::load(&p.pp("up_proj"), h, inter, false, mlp_cols.clone())?;
             layers.push(Layer {
                 attn: Attention {
-                    q: ColumnParallelLinear::load(
-                        &a.pp("q_proj"),
-                        h,
-                        nh * hd,
-                        true,
-                        q_rows.clone(),
-                    )?,
-                    k: ColumnParallelLinear::load(
-                        &a.pp("k_proj"),
-                        h,
-                        nkv * hd,
-                        true,
-                        kv_rows.clone(),
-                    )?,
-                    v: ColumnParallelLinear::load(
-                        &a.pp("v_proj"),
-                        h,
-                        nkv * hd,
-                        true,
-                        kv_rows.clone(),
-                    )?,
+                    qkv: ColumnParallelLinear::fuse(&[q, k, v])?,
                     o: RowParallelLinear::load(
                         &a.pp("o_proj"),
                         nh * hd,
@@ -256,20 +305,8 @@ impl TextModel {
                     head_dim: hd,
                 },
                 mlp: Mlp {
-                    gate: ColumnParallelLinear::load(
-                        &p.pp("gate_proj"),
-                        h,
-                        inter,
-                        false,
-                        mlp_cols.clone(),
-                    )?,
-                    up: ColumnParallelLinear::load(
-                        &p.pp("up_proj"),
-                        h,
-                        inter,
-                        false,
-                        mlp_cols.clone(),
-                    )?,
+                    gate_up: ColumnParallelLinear::fuse(&[gate, up])?,
+                    inter: mlp_cols.len(),
                     down: RowParallelLinear::load(
                         &p.pp("down_proj"),
                         inter,
@@ -405,7 +442,7 @@ impl TextModel {
                     )));
                 }
             }
-            if s.logit_rows.end > len || s.keep_prefix > len {
+            if s.logit_rows.end() > len || s.keep_prefix > len {
                 return Err(ModelError::Input(format!(
                     "sequence {n}: logit rows or kept prefix beyond {len} tokens"
                 )));
@@ -420,6 +457,9 @@ impl TextModel {
             }
             lens.push(len);
             all_pos.extend_from_slice(s.positions);
+        }
+        if self.device.is_cpu() && self.dtype == DType::F32 {
+            return self.forward_host(seqs, &lens, &all_pos, trace);
         }
         let embeds: Vec<Tensor> = seqs
             .iter()
@@ -440,18 +480,19 @@ impl TextModel {
             let a = &layer.attn;
             let h = layer.input_norm.forward(&xs)?;
             let total = h.dims()[0];
-            let heads = |lin: &ColumnParallelLinear, n: usize| -> Result<Tensor> {
-                Ok(lin
-                    .forward(&h)?
+            let qkv = a.qkv.forward(&h)?;
+            let heads = |first: usize, n: usize| -> Result<Tensor> {
+                Ok(qkv
+                    .narrow(1, first * a.head_dim, n * a.head_dim)?
                     .reshape((total, n, a.head_dim))?
                     .transpose(0, 1)?
                     .contiguous()?
                     .unsqueeze(0)?)
             };
-            let q = candle_nn::rotary_emb::rope(&heads(&a.q, a.heads)?, &cos, &sin)?.squeeze(0)?;
-            let k =
-                candle_nn::rotary_emb::rope(&heads(&a.k, a.kv_heads)?, &cos, &sin)?.squeeze(0)?;
-            let v = heads(&a.v, a.kv_heads)?.squeeze(0)?;
+            let q = candle_nn::rotary_emb::rope(&heads(0, a.heads)?, &cos, &sin)?.squeeze(0)?;
+            let k = candle_nn::rotary_emb::rope(&heads(a.heads, a.kv_heads)?, &cos, &sin)?
+                .squeeze(0)?;
+            let v = heads(a.heads + a.kv_heads, a.kv_heads)?.squeeze(0)?;
             let mut outs = Vec::with_capacity(seqs.len());
             let mut off = 0;
             for (n, s) in seqs.iter().enumerate() {
@@ -487,16 +528,21 @@ impl TextModel {
         if let Some(t) = trace.as_deref_mut() {
             t.push(xs.clone());
         }
-        let mut rows = Vec::with_capacity(seqs.len());
+        let mut rows: Vec<u32> = Vec::new();
         let mut off = 0;
         for (n, s) in seqs.iter().enumerate() {
-            rows.push(xs.narrow(0, off + s.logit_rows.start, s.logit_rows.len())?);
+            rows.extend(s.logit_rows.rows().into_iter().map(|r| (off + r) as u32));
             off += lens[n];
         }
-        let logits = self
-            .lm_head
-            .forward(&Tensor::cat(&rows, 0)?)?
-            .to_dtype(DType::F32)?;
+        let logits = if rows.is_empty() {
+            Tensor::zeros((0, self.vocab_range().len()), DType::F32, &self.device)?
+        } else {
+            let n = rows.len();
+            let idx = Tensor::from_vec(rows, n, &self.device)?;
+            self.lm_head
+                .forward(&xs.index_select(&idx, 0)?)?
+                .to_dtype(DType::F32)?
+        };
         let mut out = Vec::with_capacity(seqs.len());
         let mut off = 0;
         for (n, s) in seqs.iter().enumerate() {
@@ -511,6 +557,258 @@ impl TextModel {
             off += r;
         }
         Ok(out)
+    }
+
+    /// [`TextModel::forward`] in f32 on the CPU, over reused host buffers (see `crate::cpu`).
+    fn forward_host(
+        &self,
+        seqs: &[SeqInput<'_>],
+        lens: &[usize],
+        all_pos: &[[i64; 3]],
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Vec<SeqOutput>> {
+        let h = self.cfg.hidden_size;
+        let total: usize = lens.iter().sum();
+        let Some(first) = self.layers.first() else {
+            return Err(ModelError::Input("the model has no layers".into()));
+        };
+        let lay = HeadLayout {
+            heads: first.attn.heads,
+            kv_heads: first.attn.kv_heads,
+            hd: first.attn.head_dim,
+        };
+        let (qw, ow, inter) = (lay.qkv_width(), lay.heads * lay.hd, first.mlp.inter);
+        let embeds: Vec<Tensor> = seqs
+            .iter()
+            .map(|s| s.embeds.to_dtype(DType::F32))
+            .collect::<candle_core::Result<_>>()?;
+        let mut xs: Vec<f32> = Tensor::cat(&embeds, 0)?.flatten_all()?.to_vec1()?;
+        drop(embeds);
+        let (cos, sin) = self.rope.host_tables(all_pos);
+        let mut rows = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for &len in lens {
+            rows.push(off);
+            off += len;
+        }
+        let mut normed = vec![0f32; total * h];
+        let mut qkv = vec![0f32; total * qw];
+        let mut att = vec![0f32; total * ow];
+        let mut gu = vec![0f32; total * 2 * inter];
+        let mut act = vec![0f32; total * inter];
+        let mut proj = vec![0f32; total * h];
+        let host_trace = |xs: &[f32]| Tensor::from_slice(xs, (total, h), &Device::Cpu);
+        if let Some(t) = trace.as_deref_mut() {
+            t.push(host_trace(&xs)?);
+        }
+        let mut caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
+        let plain = |rows: usize, cols: usize| Mat {
+            rows,
+            cols,
+            stride: cols,
+        };
+        for (li, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            let m = &layer.mlp;
+            let mut tensors = vec![
+                layer.input_norm.weight(),
+                a.qkv.linear().weight(),
+                layer.post_norm.weight(),
+                a.o.linear().weight(),
+                m.gate_up.linear().weight(),
+                m.down.linear().weight(),
+            ];
+            let qkv_bias = a.qkv.linear().bias().map(|b| {
+                tensors.push(b);
+                tensors.len() - 1
+            });
+            // Every sequence's cached keys and values of this layer.
+            let mut prefix_at = vec![None; seqs.len()];
+            for (n, s) in seqs.iter().enumerate() {
+                if let Some(p) = s.prefix {
+                    let (k, v) = &p.layers[li];
+                    tensors.push(k);
+                    tensors.push(v);
+                    prefix_at[n] = Some((tensors.len() - 2, p.len()));
+                }
+            }
+            let host = HostTensors::new(&tensors)?;
+            rms_norm(&xs, host.slice(0)?, layer.input_norm.eps(), &mut normed);
+            cpu::matmul_t(
+                &normed,
+                plain(total, h),
+                host.slice(1)?,
+                plain(qw, h),
+                &mut qkv,
+                qw,
+                false,
+                true,
+            );
+            if let Some(b) = qkv_bias {
+                add_bias(&mut qkv, host.slice(b)?);
+            }
+            rope_in_place(&mut qkv, qw, 0, lay.heads, lay.hd, &cos, &sin);
+            rope_in_place(&mut qkv, qw, ow, lay.kv_heads, lay.hd, &cos, &sin);
+            let mut keys = Vec::with_capacity(seqs.len());
+            for (n, s) in seqs.iter().enumerate() {
+                if s.keep_prefix > 0 {
+                    caches[n].push(self.host_cache(&qkv, lay, rows[n], s.keep_prefix)?);
+                }
+                let prefix = match prefix_at[n] {
+                    Some((i, _)) => Some((host.slice(i)?, host.slice(i + 1)?)),
+                    None => None,
+                };
+                keys.push(SeqKeys {
+                    row: rows[n],
+                    len: lens[n],
+                    prefix,
+                    prefix_len: prefix_at[n].map_or(0, |(_, l)| l),
+                    key_valid: s.key_valid,
+                });
+            }
+            cpu::attention(&qkv, lay, &keys, &mut att)?;
+            drop(keys);
+            cpu::matmul_t(
+                &att,
+                plain(total, ow),
+                host.slice(3)?,
+                plain(h, ow),
+                &mut proj,
+                h,
+                false,
+                true,
+            );
+            self.reduce_rows(&a.o, &mut proj, total)?;
+            for (x, p) in xs.iter_mut().zip(&proj) {
+                *x += p;
+            }
+            rms_norm(&xs, host.slice(2)?, layer.post_norm.eps(), &mut normed);
+            cpu::matmul_t(
+                &normed,
+                plain(total, h),
+                host.slice(4)?,
+                plain(2 * inter, h),
+                &mut gu,
+                2 * inter,
+                false,
+                true,
+            );
+            silu_mul(&gu, inter, &mut act);
+            cpu::matmul_t(
+                &act,
+                plain(total, inter),
+                host.slice(5)?,
+                plain(h, inter),
+                &mut proj,
+                h,
+                false,
+                true,
+            );
+            self.reduce_rows(&m.down, &mut proj, total)?;
+            for (x, p) in xs.iter_mut().zip(&proj) {
+                *x += p;
+            }
+            if li + 1 < self.layers.len() {
+                if let Some(t) = trace.as_deref_mut() {
+                    t.push(host_trace(&xs)?);
+                }
+            }
+        }
+        let norm = HostTensors::new(&[self.norm.weight()])?;
+        rms_norm(&xs, norm.slice(0)?, self.norm.eps(), &mut normed);
+        if let Some(t) = trace.as_deref_mut() {
+            t.push(host_trace(&normed)?);
+        }
+        // Only the rows that are scored reach the `lm_head`.
+        let picked: Vec<usize> = seqs
+            .iter()
+            .zip(&rows)
+            .flat_map(|(s, &base)| s.logit_rows.rows().into_iter().map(move |r| base + r))
+            .collect();
+        let mut lm_in = vec![0f32; picked.len() * h];
+        for (dst, &r) in lm_in.chunks_exact_mut(h).zip(&picked) {
+            dst.copy_from_slice(&normed[r * h..(r + 1) * h]);
+        }
+        let lm = self.lm_head.linear();
+        let mut tensors = vec![lm.weight()];
+        if let Some(b) = lm.bias() {
+            tensors.push(b);
+        }
+        let host = HostTensors::new(&tensors)?;
+        let vocab = lm.weight().dims()[0];
+        let mut logits = vec![0f32; picked.len() * vocab];
+        cpu::matmul_t(
+            &lm_in,
+            plain(picked.len(), h),
+            host.slice(0)?,
+            plain(vocab, h),
+            &mut logits,
+            vocab,
+            false,
+            true,
+        );
+        if tensors.len() > 1 {
+            add_bias(&mut logits, host.slice(1)?);
+        }
+        drop(host);
+        let logits = Tensor::from_vec(logits, (picked.len(), vocab), &Device::Cpu)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for (n, s) in seqs.iter().enumerate() {
+            let r = s.logit_rows.len();
+            let cache = (s.keep_prefix > 0).then(|| KvCache {
+                layers: std::mem::take(&mut caches[n]),
+            });
+            out.push(SeqOutput {
+                logits: logits.narrow(0, off, r)?,
+                cache,
+            });
+            off += r;
+        }
+        Ok(out)
+    }
+
+    /// Keys and values `[kv_heads, keep, hd]` of the first `keep` new tokens of a
+    /// sequence starting at packed row `row` (keys after rotary).
+    fn host_cache(
+        &self,
+        qkv: &[f32],
+        lay: HeadLayout,
+        row: usize,
+        keep: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (w, hd) = (lay.qkv_width(), lay.hd);
+        let mut k = Vec::with_capacity(lay.kv_heads * keep * hd);
+        let mut v = Vec::with_capacity(lay.kv_heads * keep * hd);
+        for (first, dst) in [(lay.heads, &mut k), (lay.heads + lay.kv_heads, &mut v)] {
+            for head in 0..lay.kv_heads {
+                for r in row..row + keep {
+                    let at = r * w + (first + head) * hd;
+                    dst.extend_from_slice(&qkv[at..at + hd]);
+                }
+            }
+        }
+        let shape = (lay.kv_heads, keep, hd);
+        Ok((
+            Tensor::from_vec(k, shape, &Device::Cpu)?,
+            Tensor::from_vec(v, shape, &Device::Cpu)?,
+        ))
+    }
+
+    /// Completes a row-parallel product held in `partial` (`[rows, hidden]`): the sum over
+    /// the group's ranks, then the layer's bias.
+    fn reduce_rows(&self, layer: &RowParallelLinear, partial: &mut [f32], rows: usize) -> Result<()> {
+        let h = self.cfg.hidden_size;
+        if layer.comm().world_size() > 1 {
+            let t = Tensor::from_slice(partial, (rows, h), &Device::Cpu)?;
+            let sum: Vec<f32> = layer.comm().all_reduce_sum(&t)?.flatten_all()?.to_vec1()?;
+            partial.copy_from_slice(&sum);
+        }
+        if let Some(b) = layer.bias() {
+            let host = HostTensors::new(&[b])?;
+            add_bias(partial, host.slice(0)?);
+        }
+        Ok(())
     }
 
     /// Additive mask `[len, keys]` for a sequence with padding, `None` when all keys are real.

@@ -145,6 +145,29 @@ impl Linear {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// One layer computing the outputs of `parts` side by side (their output features
+    /// concatenated in order): one product instead of several over the same input. The
+    /// parts must all have a bias or all have none.
+    pub fn fuse(parts: &[&Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
+        let bias = match biases.len() {
+            0 => None,
+            n if n == parts.len() => Some(Tensor::cat(&biases, 0)?),
+            _ => {
+                return Err(ModelError::Weights(
+                    "fused layers must all have a bias or all have none".into(),
+                ));
+            }
+        };
+        Ok(Self { weight, bias })
+    }
 }
 
 /// Root-mean-square norm computed in f32, as the reference does, then cast back.
@@ -168,5 +191,13 @@ impl RmsNorm {
         let var = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
         let x = x.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
         Ok(x.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
     }
 }

@@ -53,7 +53,7 @@ fn check_case(case: &str, images: &[usize]) {
         key_valid: None,
         prefix: None,
         keep_prefix: 0,
-        logit_rows: 0..l,
+        logit_rows: (0..l).into(),
     };
     let out = model.text.forward(&[seq], Some(&mut trace)).unwrap();
     for (k, h) in trace.iter().enumerate() {

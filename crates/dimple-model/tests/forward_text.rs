@@ -66,7 +66,7 @@ fn check_case(case: &str) {
             key_valid: Some(v),
             prefix: None,
             keep_prefix: 0,
-            logit_rows: 0..l,
+            logit_rows: (0..l).into(),
         })
         .collect();
     let mut trace = Vec::new();
@@ -120,7 +120,7 @@ fn cached_prefix_window_equals_full_sequence() {
                 key_valid: None,
                 prefix: None,
                 keep_prefix: p,
-                logit_rows: 0..l,
+                logit_rows: (0..l).into(),
             }],
             None,
         )
@@ -139,7 +139,7 @@ fn cached_prefix_window_equals_full_sequence() {
                 key_valid: None,
                 prefix: Some(cache),
                 keep_prefix: 0,
-                logit_rows: 0..l - p,
+                logit_rows: (0..l - p).into(),
             }],
             None,
         )

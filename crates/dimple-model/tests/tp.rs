@@ -80,7 +80,7 @@ fn sharded_forward(
             key_valid: Some(v),
             prefix: None,
             keep_prefix: 0,
-            logit_rows: 0..l,
+            logit_rows: (0..l).into(),
         })
         .collect();
     let mut trace = Vec::new();
@@ -151,7 +151,7 @@ fn sharded_prefix_cache_window_equals_full_sequence() {
                 key_valid: None,
                 prefix: None,
                 keep_prefix: p,
-                logit_rows: 0..l,
+                logit_rows: (0..l).into(),
             };
             let out = m.text.forward(&[seq], None).unwrap();
             let cache = out[0].cache.as_ref().unwrap();
@@ -161,7 +161,7 @@ fn sharded_prefix_cache_window_equals_full_sequence() {
                 key_valid: None,
                 prefix: Some(cache),
                 keep_prefix: 0,
-                logit_rows: 0..l - p,
+                logit_rows: (0..l - p).into(),
             };
             let win = m.text.forward(&[seq], None).unwrap();
             let full = m

@@ -50,6 +50,20 @@ impl ColumnParallelLinear {
         Self { inner }
     }
 
+    /// The rank's slices of several column-parallel layers over the same input, as one
+    /// layer whose outputs are theirs side by side.
+    pub fn fuse(parts: &[ColumnParallelLinear]) -> Result<Self> {
+        let inner: Vec<&Linear> = parts.iter().map(|p| &p.inner).collect();
+        Ok(Self {
+            inner: Linear::fuse(&inner)?,
+        })
+    }
+
+    /// The rank's weight rows `[out, in]` and bias.
+    pub fn linear(&self) -> &Linear {
+        &self.inner
+    }
+
     /// `xs` is `[rows, in]`; the result holds this rank's output features only.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.inner.forward(xs)
@@ -86,6 +100,20 @@ impl RowParallelLinear {
             bias,
             comm,
         })
+    }
+
+    /// The rank's weight columns `[out, in slice]` (the bias is in [`Self::bias`]).
+    pub fn linear(&self) -> &Linear {
+        &self.inner
+    }
+
+    /// Added once after the reduction.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn comm(&self) -> &Arc<dyn Comm> {
+        &self.comm
     }
 
     /// `xs` is `[rows, this rank's input features]`; the result is the full output on
