@@ -75,6 +75,8 @@ impl DecodeArgs {
             seed: self.seed,
             use_cache: self.cache,
             prior: parse_prior(self.prior.as_deref())?,
+            block_length: None,
+            cache: None,
         })
     }
 }

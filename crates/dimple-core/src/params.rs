@@ -50,6 +50,11 @@ pub enum ParamError {
     PriorDuplicatePosition { position: usize },
     #[error("`prior` fixes all {max_new_tokens} response positions; at least one must stay masked")]
     PriorCoversResponse { max_new_tokens: usize },
+    #[error("unknown `cache` mode {got:?}; expected one of: {}", CacheMode::SPELLINGS.join(", "))]
+    UnknownCacheMode { got: String },
+    /// `use_cache` (the prefix-cache alias) and an explicit `cache` mode disagree.
+    #[error("`use_cache` = true asks for the prefix cache but `cache` is `{cache}`")]
+    CacheConflict { cache: CacheMode },
 }
 
 /// The unmasking algorithm (`alg` in the official code): how a step's confidence is scored
@@ -166,6 +171,78 @@ impl FromStr for Pipeline {
     }
 }
 
+/// How much of a step's attention input is recomputed (`cache` in a request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Every step runs the whole sequence: the official no-cache decoding.
+    #[default]
+    Exact,
+    /// The official prefilling (`use_cache`): step 0 runs the whole sequence and keeps the
+    /// keys/values of the prompt but its last token; every later step runs the last prompt
+    /// token and the whole response against them. The cache is never refreshed, also not
+    /// at block starts.
+    Prefix,
+    /// Block-wise dual cache: the first step of each block runs the whole sequence and
+    /// keeps the keys/values of everything outside the block's window (the prompt and
+    /// earlier response before it, the later response after it); the block's other steps
+    /// run only the window (the token before the block, whose output row gives the block's
+    /// first slot its logits, and the block itself) against them. With one block this is
+    /// exactly [`CacheMode::Prefix`].
+    Dual,
+}
+
+impl CacheMode {
+    /// The spellings, in declaration order.
+    pub const SPELLINGS: [&'static str; 3] = ["exact", "prefix", "dual"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheMode::Exact => "exact",
+            CacheMode::Prefix => "prefix",
+            CacheMode::Dual => "dual",
+        }
+    }
+}
+
+impl fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CacheMode {
+    type Err = ParamError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "exact" => Ok(CacheMode::Exact),
+            "prefix" => Ok(CacheMode::Prefix),
+            "dual" => Ok(CacheMode::Dual),
+            _ => Err(ParamError::UnknownCacheMode { got: s.to_owned() }),
+        }
+    }
+}
+
+/// How a response is split into blocks and the step budget over them (see
+/// [`DecodeParams::block_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockPlan {
+    /// Slots per block; the last block holds the remainder when it does not divide.
+    pub block_length: usize,
+    pub num_blocks: usize,
+    /// Steps each block may take at most.
+    pub steps_per_block: usize,
+}
+
+impl BlockPlan {
+    /// Response slots `[start, end)` of block `b`.
+    pub fn block(&self, b: usize, max_new_tokens: usize) -> std::ops::Range<usize> {
+        let start = (b * self.block_length).min(max_new_tokens);
+        start..(start + self.block_length).min(max_new_tokens)
+    }
+}
+
 /// Response tokens fixed before decoding starts (the official `generation_tokens_hook_func`
 /// called with `step=None`). Fixed slots are not masks: they are left out of the mask count
 /// that drives the schedule and are never changed.
@@ -247,8 +324,14 @@ pub struct DecodeParams {
     /// Seeds the request's own random generator, so results never depend on batching.
     pub seed: u64,
     /// Reuse the prompt K/V computed at step 0 (the official "prefilling" approximation).
+    /// An alias of `cache = prefix`, kept because the official call spells it this way.
     pub use_cache: bool,
     pub prior: StructurePrior,
+    /// Slots per block for block-wise (semi-autoregressive) decoding; `None` (the default)
+    /// decodes the whole response as one block, exactly as the official code does.
+    pub block_length: Option<usize>,
+    /// The cache approximation; `None` means `prefix` when `use_cache` is set, else `exact`.
+    pub cache: Option<CacheMode>,
 }
 
 impl Default for DecodeParams {
@@ -269,6 +352,8 @@ impl Default for DecodeParams {
             seed: 0,
             use_cache: false,
             prior: StructurePrior::default(),
+            block_length: None,
+            cache: None,
         }
     }
 }
@@ -295,6 +380,33 @@ impl DecodeParams {
     /// Whether confidences come from the original distribution; 'dream' forces `false`.
     pub fn effective_use_original_confidence(&self) -> bool {
         self.use_original_confidence && self.pipeline == Pipeline::Dim
+    }
+
+    /// The cache mode in force: `cache` when set, otherwise `prefix` for `use_cache`.
+    pub fn cache_mode(&self) -> CacheMode {
+        match self.cache {
+            Some(c) => c,
+            None if self.use_cache => CacheMode::Prefix,
+            None => CacheMode::Exact,
+        }
+    }
+
+    /// The block split and step budget. The response of `n = max_new_tokens` slots is cut
+    /// into `num_blocks = ceil(n / block_length)` blocks of `block_length` slots, left to
+    /// right; when `block_length` does not divide `n` the last block holds the remaining
+    /// `n mod block_length` slots. Each block gets `steps_per_block = max(1, steps /
+    /// num_blocks)` steps (integer division: the `steps mod num_blocks` leftover steps are
+    /// not used, and with fewer steps than blocks every block still gets one). With no
+    /// `block_length`, or one of at least `n`, there is one block with all `steps`.
+    pub fn block_plan(&self) -> BlockPlan {
+        let n = self.max_new_tokens.max(1);
+        let block_length = self.block_length.unwrap_or(n).clamp(1, n);
+        let num_blocks = n.div_ceil(block_length);
+        BlockPlan {
+            block_length,
+            num_blocks,
+            steps_per_block: (self.steps / num_blocks).max(1),
+        }
     }
 
     /// The response row before step 0: `max_new_tokens` mask ids with the structure prior's
@@ -349,6 +461,21 @@ impl DecodeParams {
             && !(a.is_finite() && a >= 0.0)
         {
             return Err(out_of_range("alg_temp", "a finite number >= 0", a));
+        }
+        if let Some(b) = self.block_length
+            && !(1..=self.max_new_tokens).contains(&b)
+        {
+            return Err(out_of_range(
+                "block_length",
+                &format!("in [1, {}] (`max_new_tokens`)", self.max_new_tokens),
+                b,
+            ));
+        }
+        if self.use_cache
+            && let Some(c) = self.cache
+            && c == CacheMode::Exact
+        {
+            return Err(ParamError::CacheConflict { cache: c });
         }
         if self.pipeline == Pipeline::Dream {
             if self.effective_threshold().is_some() {
@@ -596,5 +723,76 @@ mod tests {
             "Dim".parse::<Pipeline>().unwrap_err().to_string(),
             "unknown `pipeline` \"Dim\"; expected one of: dim, dream"
         );
+    }
+
+    #[test]
+    fn cache_mode_alias_and_conflict() {
+        let mut p = DecodeParams::default();
+        assert_eq!(p.cache_mode(), CacheMode::Exact);
+        p.use_cache = true;
+        assert_eq!(p.cache_mode(), CacheMode::Prefix);
+        p.cache = Some(CacheMode::Dual);
+        assert_eq!(p.cache_mode(), CacheMode::Dual);
+        p.validate(&limits()).unwrap();
+        p.cache = Some(CacheMode::Exact);
+        assert_eq!(
+            err(&p),
+            "`use_cache` = true asks for the prefix cache but `cache` is `exact`"
+        );
+        p.use_cache = false;
+        p.validate(&limits()).unwrap();
+        for s in CacheMode::SPELLINGS {
+            assert_eq!(s.parse::<CacheMode>().unwrap().to_string(), s);
+        }
+        assert_eq!(
+            "full".parse::<CacheMode>().unwrap_err().to_string(),
+            "unknown `cache` mode \"full\"; expected one of: exact, prefix, dual"
+        );
+    }
+
+    #[test]
+    fn block_length_range_and_plan() {
+        let mut p = DecodeParams {
+            max_new_tokens: 64,
+            steps: 64,
+            ..Default::default()
+        };
+        // No block length: one block with every step.
+        assert_eq!(
+            p.block_plan(),
+            BlockPlan {
+                block_length: 64,
+                num_blocks: 1,
+                steps_per_block: 64
+            }
+        );
+        p.block_length = Some(0);
+        assert_eq!(
+            err(&p),
+            "`block_length` must be in [1, 64] (`max_new_tokens`), got 0"
+        );
+        p.block_length = Some(65);
+        assert!(err(&p).starts_with("`block_length` must be in [1, 64]"));
+        p.block_length = Some(16);
+        p.validate(&limits()).unwrap();
+        assert_eq!(
+            p.block_plan(),
+            BlockPlan {
+                block_length: 16,
+                num_blocks: 4,
+                steps_per_block: 16
+            }
+        );
+        assert_eq!(p.block_plan().block(3, 64), 48..64);
+        // Ragged: 64 = 3 x 20 + 4; 30 steps over 4 blocks leave 2 unused.
+        p.block_length = Some(20);
+        p.steps = 30;
+        let plan = p.block_plan();
+        assert_eq!((plan.num_blocks, plan.steps_per_block), (4, 7));
+        assert_eq!(plan.block(2, 64), 40..60);
+        assert_eq!(plan.block(3, 64), 60..64);
+        // Fewer steps than blocks: one step each.
+        p.steps = 2;
+        assert_eq!(p.block_plan().steps_per_block, 1);
     }
 }

@@ -15,7 +15,7 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use dimple_core::params::{DecodeLimits, DecodeParams, FinishReason};
+use dimple_core::params::{CacheMode, DecodeLimits, DecodeParams, FinishReason};
 use dimple_model::{Checkpoint, DimpleConfig, DimpleModel, kv_cache_bytes_per_rank};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
@@ -34,8 +34,9 @@ pub struct EngineConfig {
     pub max_waiting: usize,
     /// Tokens in one forward pass at most (a sequence larger than this still runs alone).
     pub max_step_tokens: usize,
-    /// Bytes of prompt K/V cache that cached-mode requests may hold together, per rank
-    /// (each rank of a tensor-parallel group holds its share of the kv heads).
+    /// Bytes of K/V cache that prefix- and dual-cache requests may hold together, per rank
+    /// (each rank of a tensor-parallel group holds its share of the kv heads); see
+    /// [`cached_positions`].
     pub cache_budget_bytes: usize,
     pub limits: DecodeLimits,
     /// Prompt tokens (image tokens included) at most.
@@ -213,11 +214,12 @@ impl EngineHandle {
                 )));
             }
         }
-        let need = if req.params.use_cache {
-            kv_cache_bytes_per_rank(cfg, p - 1, self.dtype, self.world)
-        } else {
-            0
-        };
+        let need = kv_cache_bytes_per_rank(
+            cfg,
+            cached_positions(&req.params, p),
+            self.dtype,
+            self.world,
+        );
         if need > self.cfg.cache_budget_bytes {
             return Err(EngineError::CacheImpossible {
                 needed: need,
@@ -263,6 +265,22 @@ impl EngineHandle {
             .ok()
             .and_then(|f| f.clone())
             .unwrap_or_else(|| "the engine has stopped".into())
+    }
+}
+
+/// Positions whose keys/values a request holds at most between steps: none in exact mode,
+/// the prompt but its last token with the prefix cache, and with the dual cache everything
+/// outside a block's window, largest for the shortest (the last) block.
+pub fn cached_positions(params: &DecodeParams, prompt_len: usize) -> usize {
+    let n = params.max_new_tokens;
+    match params.cache_mode() {
+        CacheMode::Exact => 0,
+        CacheMode::Prefix => prompt_len.saturating_sub(1),
+        CacheMode::Dual => {
+            let plan = params.block_plan();
+            let shortest = plan.block(plan.num_blocks - 1, n).len();
+            (prompt_len + n).saturating_sub(1 + shortest)
+        }
     }
 }
 

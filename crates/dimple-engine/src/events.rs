@@ -7,9 +7,12 @@ use crate::EngineError;
 
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
-    /// Step `step` (0-based) committed these `(response position, token)` pairs.
+    /// Step `step` (0-based, over the whole request) committed these `(response position,
+    /// token)` pairs, all inside block `block` (0-based; always 0 without block-wise
+    /// decoding).
     Step {
         step: usize,
+        block: usize,
         committed: Vec<(usize, u32)>,
     },
     Finished(Finished),

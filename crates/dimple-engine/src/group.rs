@@ -118,8 +118,15 @@ pub(crate) struct SeqStep {
     pub response: Vec<u32>,
     /// Run the last prompt token and the response against the cached prompt.
     pub window: bool,
-    /// Keep the keys/values of this many leading positions (step 0 of cache mode).
+    /// Keep the keys/values of this many leading positions (step 0 of cache mode, a block
+    /// start of dual-cache mode).
     pub keep_prefix: usize,
+    /// Keep the keys/values of this many trailing positions (a block start of dual-cache
+    /// mode: the response after the block).
+    pub keep_suffix: usize,
+    /// Run only these response slots, and the token before them, against the sequence's
+    /// kept prefix and suffix (the steps of a dual-cache block after its first).
+    pub block: Option<std::ops::Range<usize>>,
     /// Response slots to score, ascending.
     pub masked: Vec<u32>,
     pub scoring: Scoring,
@@ -496,8 +503,11 @@ struct GreedyRow {
 struct RankSeq {
     prompt_embeds: Tensor,
     positions: Arc<Vec<[i64; 3]>>,
-    /// The rank's kv heads of the prompt's first `prompt_len - 1` positions (cache mode).
+    /// The rank's kv heads of the prompt's first `prompt_len - 1` positions (cache mode),
+    /// or of everything before the current block's window (dual-cache mode).
     cache: Option<KvCache>,
+    /// Dual-cache mode: the rank's kv heads of the response after the current block.
+    suffix: Option<KvCache>,
 }
 
 struct Rank {
@@ -585,6 +595,7 @@ impl Rank {
             prompt_embeds,
             positions: a.positions.clone(),
             cache: None,
+            suffix: None,
         })
     }
 
@@ -621,7 +632,15 @@ impl Rank {
             let resp = responses.narrow(0, off, n)?;
             off += n;
             let p = seq.prompt_embeds.dims()[0];
-            let e = if s.window {
+            let e = if let Some(b) = &s.block {
+                // The window starts one position before the block: its output row gives
+                // the block's first slot its logits.
+                if b.start == 0 {
+                    Tensor::cat(&[&seq.prompt_embeds.narrow(0, p - 1, 1)?, &resp.narrow(0, 0, b.end)?], 0)?
+                } else {
+                    resp.narrow(0, b.start - 1, b.len() + 1)?
+                }
+            } else if s.window {
                 Tensor::cat(&[&seq.prompt_embeds.narrow(0, p - 1, 1)?, &resp], 0)?
             } else {
                 Tensor::cat(&[&seq.prompt_embeds, &resp], 0)?
@@ -632,7 +651,36 @@ impl Rank {
         for (s, e) in steps.iter().zip(embeds) {
             let seq = &self.seqs[&s.id];
             let p = seq.prompt_embeds.dims()[0];
-            let input = if s.window {
+            let input = if let Some(b) = &s.block {
+                // Dual cache: the kept keys/values must be those of everything outside the
+                // window, else the attention would silently miss or repeat keys.
+                let (before, after) = (p - 1 + b.start, s.response.len() - b.end);
+                let have = (
+                    seq.cache.as_ref().map_or(0, KvCache::len),
+                    seq.suffix.as_ref().map_or(0, KvCache::len),
+                );
+                if have != (before, after) {
+                    return Err(RankFailure::own(format!(
+                        "sequence {}: dual cache holds {have:?} positions, the block needs \
+                         ({before}, {after})",
+                        s.id
+                    )));
+                }
+                SeqInput {
+                    embeds: e,
+                    positions: &seq.positions[before..p + b.end],
+                    key_valid: None,
+                    prefix: seq.cache.as_ref(),
+                    keep_prefix: 0,
+                    suffix: seq.suffix.as_ref(),
+                    keep_suffix: 0,
+                    // Slot m reads the output row of the token before it: window row
+                    // m - start.
+                    logit_rows: LogitRows::List(
+                        s.masked.iter().map(|&m| m as usize - b.start).collect(),
+                    ),
+                }
+            } else if s.window {
                 let cache = seq.cache.as_ref().ok_or_else(|| {
                     RankFailure::own(format!("sequence {}: no prefix cache", s.id))
                 })?;
@@ -642,6 +690,8 @@ impl Rank {
                     key_valid: None,
                     prefix: Some(cache),
                     keep_prefix: 0,
+                    suffix: None,
+                    keep_suffix: 0,
                     // Slot m reads the logits of the token before it: row m of the window.
                     logit_rows: LogitRows::List(s.masked.iter().map(|&m| m as usize).collect()),
                 }
@@ -652,6 +702,8 @@ impl Rank {
                     key_valid: None,
                     prefix: None,
                     keep_prefix: s.keep_prefix,
+                    suffix: None,
+                    keep_suffix: s.keep_suffix,
                     logit_rows: LogitRows::List(
                         s.masked.iter().map(|&m| p - 1 + m as usize).collect(),
                     ),
@@ -670,7 +722,7 @@ impl Rank {
         let mut results: Vec<SlotOutput> = Vec::with_capacity(steps.len());
         let mut caches = Vec::with_capacity(steps.len());
         for (k, (s, out)) in steps.iter().zip(outs).enumerate() {
-            caches.push(out.cache);
+            caches.push((out.cache, out.suffix_cache));
             if s.masked.is_empty() {
                 results.push(SlotOutput::Scores(Vec::new()));
                 continue;
@@ -721,8 +773,15 @@ impl Rank {
                 }
             }
         }
-        for (s, cache) in steps.iter().zip(caches) {
-            if let (Some(c), Some(seq)) = (cache, self.seqs.get_mut(&s.id)) {
+        for (s, (cache, suffix)) in steps.iter().zip(caches) {
+            let Some(seq) = self.seqs.get_mut(&s.id) else {
+                continue;
+            };
+            if s.keep_suffix > 0 || (s.keep_prefix > 0 && seq.suffix.is_some()) {
+                // A dual-cache refresh replaces both parts (the last block keeps no suffix).
+                seq.cache = cache;
+                seq.suffix = suffix;
+            } else if let Some(c) = cache {
                 seq.cache = Some(c);
             }
         }

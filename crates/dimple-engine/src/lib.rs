@@ -17,8 +17,8 @@ pub mod sequence;
 mod vocab_score;
 
 pub use engine::{
-    EngineConfig, EngineHandle, EngineImage, EngineStats, GenerateRequest, StepReport, start,
-    start_group,
+    EngineConfig, EngineHandle, EngineImage, EngineStats, GenerateRequest, StepReport,
+    cached_positions, start, start_group,
 };
 pub use error::EngineError;
 pub use events::{EngineEvent, Finished, Timings};

@@ -3,6 +3,11 @@
 //! its own part of a step and applies its own step decision, so its result never depends
 //! on the other sequences of a step.
 //!
+//! Block-wise decoding: the response is split into blocks (`DecodeParams::block_plan`)
+//! decoded left to right. Only the current block's masked slots are scored and committed;
+//! its policy is the request's own rules with the block's step budget and the block's mask
+//! count at its start. A single block (the default) is the official decoding, unchanged.
+//!
 //! This is the engine thread's (host) side of a request. Its device side, the prompt
 //! embeddings and the prefix cache, lives on the rank threads (`group`), each rank holding
 //! its own shard of the cache.
@@ -10,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use dimple_core::params::FinishReason;
+use dimple_core::params::{BlockPlan, CacheMode, DecodeParams, FinishReason};
 use dimple_model::DimpleConfig;
 use rand::rngs::StdRng;
 use tokio::sync::mpsc::UnboundedSender;
@@ -36,13 +41,19 @@ pub struct Sequence {
     prompt_len: usize,
     /// Response slots fixed by the structure prior: never masks, never changed.
     fixed: Vec<bool>,
-    num_total_mask: usize,
     mask_id: u32,
     pub step: usize,
     pub state: SequenceState,
     /// Slots committed by the last step (for metrics).
     pub last_committed: usize,
-    use_cache: bool,
+    cache_mode: CacheMode,
+    blocks: BlockPlan,
+    /// The block being decoded.
+    block: usize,
+    /// Steps taken in the current block.
+    block_step: usize,
+    /// Masked slots of the current block when it started (what its schedule counts).
+    block_total_mask: usize,
     /// Bytes reserved in the pool for the prefix cache (per rank).
     pub reserved_bytes: usize,
     policy: Policy,
@@ -74,11 +85,16 @@ impl Sequence {
         for &(pos, _) in &req.params.prior.fixed {
             fixed[pos] = true;
         }
-        let num_total_mask = fixed.iter().filter(|&&f| !f).count();
+        let blocks = req.params.block_plan();
         let grids: Vec<[usize; 3]> = req.images.iter().map(|i| i.grid_thw).collect();
         // Checks the image tokens against the grids here, before any rank sees the request.
         let ri = dimple_model::rope_index(&ids, None, &grids, cfg)?;
-        let policy = Policy::new(&req.params)?;
+        // Every block runs the request's own rules over the block's step budget (the whole
+        // `steps` when there is one block).
+        let policy = Policy::new(&DecodeParams {
+            steps: blocks.steps_per_block,
+            ..req.params.clone()
+        })?;
         let now = Instant::now();
         let admit = AdmitSeq {
             id,
@@ -86,17 +102,20 @@ impl Sequence {
             images: req.images,
             positions: Arc::new(ri.positions),
         };
-        let seq = Self {
+        let mut seq = Self {
             id,
             ids,
             prompt_len: p,
             fixed,
-            num_total_mask,
             mask_id: cfg.mask_token_id,
             step: 0,
             state: SequenceState::Fresh,
             last_committed: 0,
-            use_cache: req.params.use_cache,
+            cache_mode: req.params.cache_mode(),
+            blocks,
+            block: 0,
+            block_step: 0,
+            block_total_mask: 0,
             reserved_bytes,
             policy,
             rng: request_rng(req.params.seed),
@@ -107,6 +126,10 @@ impl Sequence {
             admitted: now,
             first_commit: None,
         };
+        // Validation leaves at least one masked slot, so some block has one.
+        if seq.enter_block(0).is_none() {
+            return Err(EngineError::Invalid("the response has no masked slot".into()));
+        }
         Ok((seq, admit))
     }
 
@@ -114,9 +137,50 @@ impl Sequence {
         self.ids.len() - self.prompt_len
     }
 
+    /// The current block's response slots.
+    fn block_range(&self) -> std::ops::Range<usize> {
+        self.blocks.block(self.block, self.response_len())
+    }
+
+    /// Masked slots of response range `r`.
+    fn count_masked(&self, r: std::ops::Range<usize>) -> usize {
+        let p = self.prompt_len;
+        r.filter(|&j| !self.fixed[j] && self.ids[p + j] == self.mask_id)
+            .count()
+    }
+
+    /// Makes the first block from `from` on that has a masked slot the current one;
+    /// `None` when no block from `from` on has one.
+    fn enter_block(&mut self, from: usize) -> Option<usize> {
+        let n = self.response_len();
+        for b in from..self.blocks.num_blocks {
+            let masks = self.count_masked(self.blocks.block(b, n));
+            if masks > 0 {
+                self.block = b;
+                self.block_step = 0;
+                self.block_total_mask = masks;
+                return Some(b);
+            }
+        }
+        None
+    }
+
+    /// The block being decoded (0-based).
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// Whether the next step runs only the current block's window (dual cache).
+    fn in_block_window(&self) -> bool {
+        self.cache_mode == CacheMode::Dual && self.block_step > 0
+    }
+
     /// Tokens this sequence puts into the next forward pass.
     pub fn step_tokens(&self) -> usize {
-        if self.use_cache && self.state == SequenceState::Decoding {
+        if self.in_block_window() {
+            self.block_range().len() + 1
+        } else if self.cache_mode == CacheMode::Prefix && self.state == SequenceState::Decoding
+        {
             self.response_len() + 1
         } else {
             self.ids.len()
@@ -128,28 +192,41 @@ impl Sequence {
         self.events.is_closed()
     }
 
-    /// The response slots still to fill, ascending.
+    /// The current block's slots still to fill, ascending.
     fn masked(&self) -> Vec<usize> {
         let p = self.prompt_len;
-        (0..self.response_len())
+        self.block_range()
             .filter(|&j| !self.fixed[j] && self.ids[p + j] == self.mask_id)
             .collect()
     }
 
-    /// This sequence's part of the next step: the whole sequence, or (cache mode after step
-    /// 0) the last prompt token and the response against the cached prompt.
+    /// This sequence's part of the next step: the whole sequence; or (prefix cache after
+    /// step 0) the last prompt token and the response against the cached prompt; or (dual
+    /// cache after a block's first step) the block's window against the kept keys/values
+    /// of everything else, which the block's first step (a whole pass) refreshed.
     pub(crate) fn plan(&self) -> SeqStep {
-        let window = self.use_cache && self.state == SequenceState::Decoding;
+        let n = self.response_len();
+        let range = self.block_range();
+        let (window, block, keep_prefix, keep_suffix) = match self.cache_mode {
+            CacheMode::Exact => (false, None, 0, 0),
+            CacheMode::Prefix if self.state == SequenceState::Decoding => (true, None, 0, 0),
+            CacheMode::Prefix => (false, None, self.prompt_len - 1, 0),
+            CacheMode::Dual if self.block_step > 0 => (false, Some(range), 0, 0),
+            CacheMode::Dual => (
+                false,
+                None,
+                self.prompt_len - 1 + range.start,
+                n - range.end,
+            ),
+        };
         let scorer = self.policy.scorer();
         SeqStep {
             id: self.id,
             response: self.ids[self.prompt_len..].to_vec(),
             window,
-            keep_prefix: if self.use_cache && !window {
-                self.prompt_len - 1
-            } else {
-                0
-            },
+            keep_prefix,
+            keep_suffix,
+            block,
             // Response positions are far below u32::MAX (bounded by the context length).
             masked: self.masked().into_iter().map(|j| j as u32).collect(),
             scoring: if scorer.is_greedy() {
@@ -182,9 +259,12 @@ impl Sequence {
                 masked.len()
             )));
         }
-        let decision =
-            self.policy
-                .decide(self.step, self.num_total_mask, &scores, &mut self.rng)?;
+        let decision = self.policy.decide(
+            self.block_step,
+            self.block_total_mask,
+            &scores,
+            &mut self.rng,
+        )?;
         let mut committed = Vec::with_capacity(decision.commit.len());
         for &i in &decision.commit {
             let j = masked[i];
@@ -199,14 +279,31 @@ impl Sequence {
             self.first_commit = Some(now);
         }
         let step = self.step;
+        let block = self.block;
         let masks_left = masked.len() - committed.len();
         self.last_committed = committed.len();
-        let _ = self.events.send(EngineEvent::Step { step, committed });
+        let _ = self.events.send(EngineEvent::Step {
+            step,
+            block,
+            committed,
+        });
         self.step += 1;
         self.state = SequenceState::Decoding;
-        Ok(match self.policy.after_step(step, masks_left) {
-            StepOutcome::Continue => None,
-            StepOutcome::Finished(r) => Some(r),
+        Ok(match self.policy.after_step(self.block_step, masks_left) {
+            StepOutcome::Continue => {
+                self.block_step += 1;
+                None
+            }
+            // The block is done (filled, or out of its steps): on to the next block with
+            // a masked slot. After the last one the request ends as its last block did,
+            // unless an earlier block ran out of steps with slots still masked.
+            StepOutcome::Finished(r) => match self.enter_block(block + 1) {
+                Some(_) => None,
+                None if self.count_masked(0..self.response_len()) > masks_left => {
+                    Some(FinishReason::StepLimit)
+                }
+                None => Some(r),
+            },
         })
     }
 

@@ -86,6 +86,8 @@ fn random_request(rng: &mut StdRng, i: usize) -> GenerateRequest {
         seed: rng.random(),
         use_cache: rng.random_bool(0.5),
         prior: StructurePrior { fixed: prior },
+        block_length: None,
+        cache: None,
     };
     GenerateRequest {
         prompt_ids,

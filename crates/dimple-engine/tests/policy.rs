@@ -95,6 +95,8 @@ fn params_from_json(j: &Value) -> DecodeParams {
         seed: 0,
         use_cache: p["use_cache"].as_bool().unwrap(),
         prior: StructurePrior { fixed },
+        block_length: None,
+        cache: None,
     }
 }
 

@@ -35,6 +35,8 @@ fn forward(model: &DimpleModel, seqs: &[(Vec<u32>, Vec<[i64; 3]>)]) -> usize {
             key_valid: None,
             prefix: None,
             keep_prefix: 0,
+            suffix: None,
+            keep_suffix: 0,
             logit_rows: (0..ids.len()).into(),
         })
         .collect();

@@ -48,6 +48,8 @@ fn step(model: &DimpleModel, positions: &[[i64; 3]]) -> usize {
                 key_valid: None,
                 prefix: None,
                 keep_prefix: 0,
+                suffix: None,
+                keep_suffix: 0,
                 logit_rows: (LEN - RESPONSE..LEN).into(),
             }
         })

@@ -253,7 +253,11 @@ pub(crate) struct SeqKeys<'a> {
     /// The cached prefix `[kv_heads, prefix, hd]` (keys then values), if any.
     pub prefix: Option<(&'a [f32], &'a [f32])>,
     pub prefix_len: usize,
-    /// Which keys (prefix first) are real; `None`: all.
+    /// Cached keys/values placed after the new tokens `[kv_heads, suffix, hd]`, if any.
+    pub suffix: Option<(&'a [f32], &'a [f32])>,
+    pub suffix_len: usize,
+    /// Which keys (prefix first, then the new tokens, then the suffix) are real; `None`:
+    /// all.
     pub key_valid: Option<&'a [bool]>,
 }
 
@@ -286,8 +290,8 @@ impl SendPtr {
     }
 }
 
-/// Attention of every sequence's new tokens over its prefix and its own new tokens, per
-/// head, into `out` (`[rows, heads * hd]`). `qkv` holds the packed projections with rotary
+/// Attention of every sequence's new tokens over its prefix, its own new tokens and its
+/// suffix, per head, into `out` (`[rows, heads * hd]`). `qkv` holds the packed projections with rotary
 /// already applied to q and k.
 pub(crate) fn attention(
     qkv: &[f32],
@@ -309,7 +313,15 @@ pub(crate) fn attention(
                 return Err(ModelError::Input("prefix cache of the wrong size".into()));
             }
         }
-        if s.key_valid.is_some_and(|kv| kv.len() != s.prefix_len + s.len) {
+        if let Some((k, v)) = s.suffix {
+            if k.len() != nkv * s.suffix_len * hd || v.len() != k.len() {
+                return Err(ModelError::Input("suffix cache of the wrong size".into()));
+            }
+        }
+        if s
+            .key_valid
+            .is_some_and(|kv| kv.len() != s.prefix_len + s.len + s.suffix_len)
+        {
             return Err(ModelError::Input("key mask of the wrong size".into()));
         }
     }
@@ -326,7 +338,7 @@ pub(crate) fn attention(
         let kvh = h / group;
         let q0 = b * BLOCK;
         let rows = BLOCK.min(s.len - q0);
-        let keys = s.prefix_len + s.len;
+        let keys = s.prefix_len + s.len + s.suffix_len;
         let mut scores = vec![0f32; rows * keys];
         let q = &qkv[(s.row + q0) * w + h * hd..];
         let qm = Mat {
@@ -360,6 +372,24 @@ pub(crate) fn attention(
             false,
             false,
         );
+        if let Some((sk, _)) = s.suffix {
+            let k = &sk[kvh * s.suffix_len * hd..(kvh + 1) * s.suffix_len * hd];
+            let km = Mat {
+                rows: s.suffix_len,
+                cols: hd,
+                stride: hd,
+            };
+            matmul_t(
+                q,
+                qm,
+                k,
+                km,
+                &mut scores[s.prefix_len + s.len..],
+                keys,
+                false,
+                false,
+            );
+        }
         for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
             let qi = s.prefix_len + q0 + i;
             let mut max = f32::NEG_INFINITY;
@@ -409,6 +439,15 @@ pub(crate) fn attention(
             stride: keys,
         };
         matmul_nn(&scores[s.prefix_len..], p, v, w, hd, o, ow, acc);
+        if let Some((_, sv)) = s.suffix {
+            let v = &sv[kvh * s.suffix_len * hd..(kvh + 1) * s.suffix_len * hd];
+            let p = Mat {
+                rows,
+                cols: s.suffix_len,
+                stride: keys,
+            };
+            matmul_nn(&scores[s.prefix_len + s.len..], p, v, hd, hd, o, ow, true);
+        }
     });
     Ok(())
 }

@@ -127,13 +127,18 @@ pub struct SeqInput<'a> {
     pub embeds: Tensor,
     /// Position ids (t, h, w) of the new tokens.
     pub positions: &'a [[i64; 3]],
-    /// Which keys (cached prefix first, then the new tokens) are real rather than padding.
-    /// `None`: all real. A padded query attends only to itself.
+    /// Which keys (cached prefix first, then the new tokens, then the cached suffix) are
+    /// real rather than padding. `None`: all real. A padded query attends only to itself.
     pub key_valid: Option<&'a [bool]>,
     /// Cached keys/values the new tokens attend to, placed before them.
     pub prefix: Option<&'a KvCache>,
+    /// Cached keys/values placed after the new tokens: the later part of a sequence whose
+    /// middle alone is recomputed (block-wise decoding with a dual cache).
+    pub suffix: Option<&'a KvCache>,
     /// Return the keys/values of this many leading new tokens as a cache (0: none).
     pub keep_prefix: usize,
+    /// Return the keys/values of this many trailing new tokens as a second cache (0: none).
+    pub keep_suffix: usize,
     /// Rows of the new tokens whose logits are wanted.
     pub logit_rows: LogitRows,
 }
@@ -144,7 +149,10 @@ pub struct SeqOutput {
     /// only the rank's vocabulary slice ([`TextModel::vocab_range`]); see
     /// [`TextModel::gather_vocab`].
     pub logits: Tensor,
+    /// The kept leading keys/values (`keep_prefix`).
     pub cache: Option<KvCache>,
+    /// The kept trailing keys/values (`keep_suffix`).
+    pub suffix_cache: Option<KvCache>,
 }
 
 struct Rope {
@@ -433,25 +441,26 @@ impl TextModel {
                 )));
             }
             let prefix = s.prefix.map_or(0, KvCache::len);
+            let suffix = s.suffix.map_or(0, KvCache::len);
             if let Some(kv) = s.key_valid {
-                if kv.len() != prefix + len {
+                if kv.len() != prefix + len + suffix {
                     return Err(ModelError::Input(format!(
                         "sequence {n}: key mask has {} entries, expected {}",
                         kv.len(),
-                        prefix + len
+                        prefix + len + suffix
                     )));
                 }
             }
-            if s.logit_rows.end() > len || s.keep_prefix > len {
+            if s.logit_rows.end() > len || s.keep_prefix + s.keep_suffix > len {
                 return Err(ModelError::Input(format!(
-                    "sequence {n}: logit rows or kept prefix beyond {len} tokens"
+                    "sequence {n}: logit rows or kept prefix and suffix beyond {len} tokens"
                 )));
             }
-            if let Some(p) = s.prefix {
-                if p.layers.len() != self.layers.len() {
+            for c in [s.prefix, s.suffix].into_iter().flatten() {
+                if c.layers.len() != self.layers.len() {
                     return Err(ModelError::Input(format!(
                         "sequence {n}: cache has {} layers",
-                        p.layers.len()
+                        c.layers.len()
                     )));
                 }
             }
@@ -472,6 +481,7 @@ impl TextModel {
             .map(|s| self.attention_mask(s))
             .collect::<Result<Vec<_>>>()?;
         let mut caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
+        let mut suffix_caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
 
         if let Some(t) = trace.as_deref_mut() {
             t.push(xs.clone());
@@ -506,10 +516,22 @@ impl TextModel {
                         vs.narrow(1, 0, s.keep_prefix)?.contiguous()?,
                     ));
                 }
+                if s.keep_suffix > 0 {
+                    let from = len - s.keep_suffix;
+                    suffix_caches[n].push((
+                        ks.narrow(1, from, s.keep_suffix)?.contiguous()?,
+                        vs.narrow(1, from, s.keep_suffix)?.contiguous()?,
+                    ));
+                }
                 if let Some(p) = s.prefix {
                     let (pk, pv) = &p.layers[li];
                     ks = Tensor::cat(&[pk, &ks], 1)?;
                     vs = Tensor::cat(&[pv, &vs], 1)?;
+                }
+                if let Some(p) = s.suffix {
+                    let (sk, sv) = &p.layers[li];
+                    ks = Tensor::cat(&[&ks, sk], 1)?;
+                    vs = Tensor::cat(&[&vs, sv], 1)?;
                 }
                 outs.push(self.attend(a, &qs, &ks, &vs, masks[n].as_ref())?);
                 off += len;
@@ -550,9 +572,13 @@ impl TextModel {
             let cache = (s.keep_prefix > 0).then(|| KvCache {
                 layers: std::mem::take(&mut caches[n]),
             });
+            let suffix_cache = (s.keep_suffix > 0).then(|| KvCache {
+                layers: std::mem::take(&mut suffix_caches[n]),
+            });
             out.push(SeqOutput {
                 logits: logits.narrow(0, off, r)?,
                 cache,
+                suffix_cache,
             });
             off += r;
         }
@@ -602,6 +628,7 @@ impl TextModel {
             t.push(host_trace(&xs)?);
         }
         let mut caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
+        let mut suffix_caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
         let plain = |rows: usize, cols: usize| Mat {
             rows,
             cols,
@@ -632,6 +659,15 @@ impl TextModel {
                     prefix_at[n] = Some((tensors.len() - 2, p.len()));
                 }
             }
+            let mut suffix_at = vec![None; seqs.len()];
+            for (n, s) in seqs.iter().enumerate() {
+                if let Some(p) = s.suffix {
+                    let (k, v) = &p.layers[li];
+                    tensors.push(k);
+                    tensors.push(v);
+                    suffix_at[n] = Some((tensors.len() - 2, p.len()));
+                }
+            }
             let host = HostTensors::new(&tensors)?;
             rms_norm(&xs, host.slice(0)?, layer.input_norm.eps(), &mut normed);
             cpu::matmul_t(
@@ -654,7 +690,15 @@ impl TextModel {
                 if s.keep_prefix > 0 {
                     caches[n].push(self.host_cache(&qkv, lay, rows[n], s.keep_prefix)?);
                 }
+                if s.keep_suffix > 0 {
+                    let from = rows[n] + lens[n] - s.keep_suffix;
+                    suffix_caches[n].push(self.host_cache(&qkv, lay, from, s.keep_suffix)?);
+                }
                 let prefix = match prefix_at[n] {
+                    Some((i, _)) => Some((host.slice(i)?, host.slice(i + 1)?)),
+                    None => None,
+                };
+                let suffix = match suffix_at[n] {
                     Some((i, _)) => Some((host.slice(i)?, host.slice(i + 1)?)),
                     None => None,
                 };
@@ -663,6 +707,8 @@ impl TextModel {
                     len: lens[n],
                     prefix,
                     prefix_len: prefix_at[n].map_or(0, |(_, l)| l),
+                    suffix,
+                    suffix_len: suffix_at[n].map_or(0, |(_, l)| l),
                     key_valid: s.key_valid,
                 });
             }
@@ -759,17 +805,21 @@ impl TextModel {
             let cache = (s.keep_prefix > 0).then(|| KvCache {
                 layers: std::mem::take(&mut caches[n]),
             });
+            let suffix_cache = (s.keep_suffix > 0).then(|| KvCache {
+                layers: std::mem::take(&mut suffix_caches[n]),
+            });
             out.push(SeqOutput {
                 logits: logits.narrow(0, off, r)?,
                 cache,
+                suffix_cache,
             });
             off += r;
         }
         Ok(out)
     }
 
-    /// Keys and values `[kv_heads, keep, hd]` of the first `keep` new tokens of a
-    /// sequence starting at packed row `row` (keys after rotary).
+    /// Keys and values `[kv_heads, keep, hd]` of the `keep` packed rows from `row` on
+    /// (keys after rotary).
     fn host_cache(
         &self,
         qkv: &[f32],

@@ -53,6 +53,8 @@ fn check_case(case: &str, images: &[usize]) {
         key_valid: None,
         prefix: None,
         keep_prefix: 0,
+        suffix: None,
+        keep_suffix: 0,
         logit_rows: (0..l).into(),
     };
     let out = model.text.forward(&[seq], Some(&mut trace)).unwrap();

@@ -66,6 +66,8 @@ fn check_case(case: &str) {
             key_valid: Some(v),
             prefix: None,
             keep_prefix: 0,
+            suffix: None,
+            keep_suffix: 0,
             logit_rows: (0..l).into(),
         })
         .collect();
@@ -120,6 +122,8 @@ fn cached_prefix_window_equals_full_sequence() {
                 key_valid: None,
                 prefix: None,
                 keep_prefix: p,
+                suffix: None,
+                keep_suffix: 0,
                 logit_rows: (0..l).into(),
             }],
             None,
@@ -139,6 +143,8 @@ fn cached_prefix_window_equals_full_sequence() {
                 key_valid: None,
                 prefix: Some(cache),
                 keep_prefix: 0,
+                suffix: None,
+                keep_suffix: 0,
                 logit_rows: (0..l - p).into(),
             }],
             None,

@@ -38,6 +38,8 @@ fn text_logits(model: &DimpleModel) -> Vec<f32> {
         key_valid: None,
         prefix: None,
         keep_prefix: 0,
+        suffix: None,
+        keep_suffix: 0,
         logit_rows: (0..ids.len()).into(),
     };
     to_f32(&model.text.forward(&[seq], None).unwrap()[0].logits)

@@ -80,6 +80,8 @@ fn sharded_forward(
             key_valid: Some(v),
             prefix: None,
             keep_prefix: 0,
+            suffix: None,
+            keep_suffix: 0,
             logit_rows: (0..l).into(),
         })
         .collect();
@@ -151,6 +153,8 @@ fn sharded_prefix_cache_window_equals_full_sequence() {
                 key_valid: None,
                 prefix: None,
                 keep_prefix: p,
+                suffix: None,
+                keep_suffix: 0,
                 logit_rows: (0..l).into(),
             };
             let out = m.text.forward(&[seq], None).unwrap();
@@ -161,6 +165,8 @@ fn sharded_prefix_cache_window_equals_full_sequence() {
                 key_valid: None,
                 prefix: Some(cache),
                 keep_prefix: 0,
+                suffix: None,
+                keep_suffix: 0,
                 logit_rows: (0..l - p).into(),
             };
             let win = m.text.forward(&[seq], None).unwrap();

@@ -401,6 +401,8 @@ impl TryFrom<worker::DecodeParams> for DecodeParams {
                     .map(|t| (t.position as usize, t.token_id))
                     .collect(),
             },
+            block_length: None,
+            cache: None,
         })
     }
 }

@@ -181,7 +181,9 @@ impl Stream for EventStream {
             Poll::Ready(e) => e,
         };
         let item = match event {
-            Some(EngineEvent::Step { step, committed }) => Ok(pb::GenerateEvent {
+            Some(EngineEvent::Step {
+                step, committed, ..
+            }) => Ok(pb::GenerateEvent {
                 event: Some(pb::generate_event::Event::Step(pb::Step {
                     step: sat_u32(step),
                     committed: committed

@@ -159,7 +159,9 @@ pub fn collect(
             .blocking_recv()
             .expect("the engine always ends a request with a final event")
         {
-            EngineEvent::Step { step, committed } => {
+            EngineEvent::Step {
+                step, committed, ..
+            } => {
                 assert_eq!(step, history.len(), "steps arrive in order");
                 for (pos, tok) in committed {
                     row[pos] = tok;
@@ -231,7 +233,9 @@ pub fn finish_within(
                 "no final event within {timeout:?} (after {} steps)",
                 history.len()
             ),
-            Some(EngineEvent::Step { step, committed }) => {
+            Some(EngineEvent::Step {
+                step, committed, ..
+            }) => {
                 assert_eq!(step, history.len(), "steps arrive in order");
                 for (pos, tok) in committed {
                     row[pos] = tok;
