@@ -369,3 +369,141 @@ fn one_block_is_the_official_decoding() {
     assert!(checked >= 8, "{checked} cases");
     engine.shutdown();
 }
+
+/// Exact, prefix and dual requests with different block lengths (some sampling) decode
+/// alone, all together, and with passes split by a token budget: every history is the same.
+#[test]
+fn mixed_cache_modes_share_passes_without_changing_results() {
+    let mut reqs = block_requests(CacheMode::Exact);
+    reqs.extend(block_requests(CacheMode::Dual));
+    reqs.extend(block_requests(CacheMode::Prefix).into_iter().take(3));
+    for (i, r) in reqs.iter_mut().enumerate().filter(|(i, _)| i % 4 == 1) {
+        r.params.temperature = 0.8;
+        r.params.top_p = Some(0.9);
+        r.params.seed = i as u64;
+    }
+    let modes: Vec<CacheMode> = reqs.iter().map(|r| r.params.cache_mode()).collect();
+    for m in [CacheMode::Exact, CacheMode::Prefix, CacheMode::Dual] {
+        assert!(modes.contains(&m));
+    }
+    let run_all = |engine: &EngineHandle| -> Vec<Outcome> {
+        let rxs: Vec<_> = reqs
+            .iter()
+            .map(|r| engine.submit(r.clone()).expect("valid request"))
+            .collect();
+        rxs.into_iter()
+            .zip(&reqs)
+            .map(|(rx, r)| collect_within(rx, initial_row(r, GOLDEN_MASK_ID)))
+            .collect()
+    };
+    let solo_engine = engine(EngineConfig {
+        max_active: 1,
+        ..EngineConfig::default()
+    });
+    let solo = run_all(&solo_engine);
+    solo_engine.shutdown();
+    let budget = 64;
+    for (label, cfg) in [
+        ("together", EngineConfig::default()),
+        (
+            "split",
+            EngineConfig {
+                max_step_tokens: budget,
+                ..EngineConfig::default()
+            },
+        ),
+    ] {
+        let (engine, log) = engine_with_log(cfg);
+        let got = run_all(&engine);
+        for (i, (a, b)) in solo.iter().zip(&got).enumerate() {
+            assert_eq!(b.history, a.history, "{label}: request {i} ({})", modes[i]);
+            assert_eq!(b.finished.steps, a.finished.steps, "{label}: request {i}");
+            assert_eq!(b.finished.finish_reason, a.finished.finish_reason);
+        }
+        let log = log.lock().unwrap();
+        assert!(
+            log.iter().any(|r| r.batch_size >= 3),
+            "{label}: requests shared passes"
+        );
+        if label == "split" {
+            // Packed passes keep to the budget (dual windows are only block + 1 tokens).
+            assert!(log.iter().any(|r| r.batch_size > 1));
+            for r in log.iter().filter(|r| r.batch_size > 1) {
+                assert!(r.tokens <= budget, "{label}: a pass of {} tokens", r.tokens);
+            }
+        }
+        engine.shutdown();
+    }
+}
+
+/// Keys/values one position of the golden model takes: K and V, 2 layers, 2 kv heads of 16
+/// dims, f32 (README "Model").
+const BYTES_PER_POSITION: usize = 2 * 2 * 2 * 16 * 4;
+
+#[test]
+fn dual_caches_are_charged_to_the_pool_and_freed_on_cancel() {
+    let p = golden_prompt("p_text").len();
+    // Blocks of 100, 100 and 50: between steps the dual cache holds everything outside the
+    // window, most in the short last block: p - 1 + 250 - 50 positions.
+    let dual = request("p_text", 250, 250, 100, None, CacheMode::Dual);
+    let dual_bytes = (p - 1 + 250 - 50) * BYTES_PER_POSITION;
+    let prefix = request("p_text", 250, 250, 100, None, CacheMode::Prefix);
+    let prefix_bytes = (p - 1) * BYTES_PER_POSITION;
+    let exact = request("p_text", 250, 250, 100, None, CacheMode::Exact);
+    assert_eq!(
+        dimple_engine::cached_positions(&dual.params, p) * BYTES_PER_POSITION,
+        dual_bytes
+    );
+
+    // A budget that holds the prefix cache but not the dual one refuses the dual request.
+    let small = engine(EngineConfig {
+        cache_budget_bytes: dual_bytes - 1,
+        ..EngineConfig::default()
+    });
+    match small.submit(dual.clone()) {
+        Err(dimple_engine::EngineError::CacheImpossible { needed, .. }) => {
+            assert_eq!(needed, dual_bytes)
+        }
+        other => panic!("expected CacheImpossible, got {:?}", other.map(|_| ())),
+    }
+    assert!(small.submit(prefix.clone()).is_ok());
+    small.shutdown();
+
+    let engine = engine(EngineConfig::default());
+    let mut rxs: Vec<_> = [&dual, &dual, &prefix, &exact]
+        .iter()
+        .map(|r| engine.submit((*r).clone()).unwrap())
+        .collect();
+    for rx in &mut rxs {
+        match recv_within(rx, WAIT) {
+            Some(EngineEvent::Step { step: 0, .. }) => {}
+            other => panic!("expected the first step, got {other:?}"),
+        }
+    }
+    let held = 2 * dual_bytes + prefix_bytes;
+    wait_until("every cache is accounted", WAIT, || {
+        let s = engine.stats();
+        s.cache_used_bytes == held && s.active == 4
+    });
+    // Cancel one dual request mid-block: exactly its reservation comes back.
+    drop(rxs.remove(0));
+    wait_until("the cancelled dual request frees its cache", WAIT, || {
+        let s = engine.stats();
+        s.cache_used_bytes == held - dual_bytes && s.active == 3
+    });
+    drop(rxs);
+    wait_until("all caches are free", WAIT, || {
+        let s = engine.stats();
+        s.cache_used_bytes == 0 && s.active == 0
+    });
+    assert!(
+        engine.stats().forward_passes < 250,
+        "the requests were cancelled, not completed"
+    );
+    // The engine goes on serving dual requests exactly.
+    let model = model();
+    let req = &block_requests(CacheMode::Dual)[0];
+    let (out, _) = decode(&engine, req);
+    assert_eq!(out.history, reference(&model, req).history);
+    engine.shutdown();
+}
