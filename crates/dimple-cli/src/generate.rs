@@ -49,9 +49,18 @@ pub struct DecodeArgs {
     pub no_original_confidence: bool,
     #[arg(long, default_value_t = 0, env = "DIMPLE_SEED")]
     pub seed: u64,
-    /// Prefilling: compute the prompt's keys/values once and reuse them every step.
+    /// Prefilling: compute the prompt's keys/values once and reuse them every step (the
+    /// same as `--cache-mode prefix`).
     #[arg(long, env = "DIMPLE_CACHE")]
     pub cache: bool,
+    /// Block-wise decoding: slots per block, decoded left to right, each block with
+    /// `steps / blocks` steps (at least 1). Default: the whole response is one block.
+    #[arg(long, env = "DIMPLE_BLOCK_LENGTH")]
+    pub block_length: Option<usize>,
+    /// exact (recompute everything every step), prefix (= --cache) or dual (keep the
+    /// keys/values outside the current block, refreshed at each block start).
+    #[arg(long, env = "DIMPLE_CACHE_MODE")]
+    pub cache_mode: Option<String>,
     /// Structure prior: fixed response tokens as `POS:TOKEN,POS:TOKEN,...`.
     #[arg(long, env = "DIMPLE_PRIOR")]
     pub prior: Option<String>,
@@ -75,8 +84,8 @@ impl DecodeArgs {
             seed: self.seed,
             use_cache: self.cache,
             prior: parse_prior(self.prior.as_deref())?,
-            block_length: None,
-            cache: None,
+            block_length: self.block_length,
+            cache: self.cache_mode.as_deref().map(str::parse).transpose()?,
         })
     }
 }
@@ -253,20 +262,27 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut rx = engine.submit(request)?;
     let live = !args.json && std::io::stderr().is_terminal();
     let mut history = Vec::new();
+    let mut blocks = Vec::new();
     let finished = loop {
         match rx
             .blocking_recv()
             .context("the engine stopped without answering")?
         {
-            EngineEvent::Step { committed, .. } => {
+            EngineEvent::Step {
+                committed, block, ..
+            } => {
                 for (p, t) in committed {
                     row[p] = t;
                 }
                 history.push(row.clone());
+                blocks.push(block);
                 if live {
                     if let Some(b) = &builder {
                         let canvas = render_canvas(b, &row, cfg.mask_token_id);
-                        eprint!("\r\x1b[Kstep {:>3}  {canvas}", history.len());
+                        eprint!(
+                            "\r\x1b[Kstep {:>3} block {block:>2}  {canvas}",
+                            history.len()
+                        );
                         let _ = std::io::stderr().flush();
                     }
                 }
@@ -288,6 +304,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "response_ids": finished.response_ids,
             "steps": finished.steps,
             "history": history,
+            "blocks": blocks,
             "finish_reason": finished.finish_reason.as_str(),
             "text": text,
         });

@@ -240,6 +240,8 @@ fn bad_flags_fail_naming_the_flag() {
         ("--pipeline", "llada", "pipeline"),
         ("--max-new-tokens", "0", "max_new_tokens"),
         ("--prior", "0:11,zz", "prior"),
+        ("--block-length", "0", "block_length"),
+        ("--cache-mode", "full", "cache"),
     ] {
         let out = dimple(&[
             "generate".into(),
@@ -255,4 +257,39 @@ fn bad_flags_fail_naming_the_flag() {
         );
         assert!(out.stdout.is_empty(), "{flag} {value}: nothing on stdout");
     }
+}
+
+/// `--block-length` and `--cache-mode` reach the engine: the step log shows the blocks in
+/// order, no step commits outside its block, and one whole-response dual block is the
+/// official prefilling (`--cache`).
+#[test]
+fn block_and_cache_mode_flags() {
+    let name = "gen_text_n24_thr0p9_cache1";
+    let case: Value =
+        serde_json::from_str(&std::fs::read_to_string(golden(&format!("{name}.json"))).unwrap())
+            .unwrap();
+    let base = golden_args(name, &case);
+    let without_cache: Vec<String> = base.iter().filter(|a| *a != "--cache").cloned().collect();
+    let mut one_block = without_cache.clone();
+    one_block.extend(["--cache-mode".into(), "dual".into(), "--block-length".into(), "24".into()]);
+    assert_eq!(json_output(&one_block)["history"], json_output(&base)["history"]);
+
+    let mut blocks = without_cache;
+    blocks.extend(["--cache-mode".into(), "dual".into(), "--block-length".into(), "8".into()]);
+    let out = json_output(&blocks);
+    let per_step: Vec<u64> = ids(&out["blocks"]);
+    let history = out["history"].as_array().unwrap();
+    assert_eq!(per_step.len(), history.len());
+    assert!(per_step.windows(2).all(|w| w[0] <= w[1]), "{per_step:?}");
+    assert_eq!(per_step.last(), Some(&2));
+    let mut before = vec![301u64; 24];
+    for (row, &b) in history.iter().map(ids).zip(&per_step) {
+        for (j, (x, y)) in before.iter().zip(&row).enumerate() {
+            if x != y {
+                assert_eq!(j as u64 / 8, b, "slot {j} committed during block {b}");
+            }
+        }
+        before = row;
+    }
+    assert_eq!(out["finish_reason"], "completed");
 }
