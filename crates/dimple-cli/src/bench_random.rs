@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use dimple_core::params::DecodeParams;
+use dimple_core::params::{BlockPlan, CacheMode, DecodeParams};
 use dimple_engine::{EngineConfig, EngineEvent, GenerateRequest, GroupDevices, StepReport};
 use dimple_model::{Checkpoint, DimpleConfig};
 
@@ -45,10 +45,13 @@ pub struct BenchRandomArgs {
     pub steps: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub prompt_tokens: usize,
-    /// Cache modes to measure: `exact` (every step recomputes the prompt) and/or `cached`
-    /// (prefilling).
+    /// Cache modes to measure: `exact` (every step recomputes the prompt), `cached` or
+    /// `prefix` (prefilling), `dual` (block-wise dual cache; give `--block-length`).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["exact".to_string()])]
     pub modes: Vec<String>,
+    /// Block-wise decoding: slots per block (default: the whole response is one block).
+    #[arg(long)]
+    pub block_length: Option<usize>,
     /// Prefilling only (the same as `--modes cached`).
     #[arg(long)]
     pub cache: bool,
@@ -117,14 +120,48 @@ impl FlopModel {
             + scored as f64 * self.lm_head_per_row
     }
 
-    /// A whole request from its per-step committed counts.
+    /// A whole request (one block) from its per-step committed counts.
+    #[cfg(test)]
     fn request(&self, prompt: usize, slots: usize, cached: bool, committed: &[usize]) -> f64 {
-        let mut masked = slots;
+        let mode = if cached {
+            CacheMode::Prefix
+        } else {
+            CacheMode::Exact
+        };
+        let plan = BlockPlan {
+            block_length: slots,
+            num_blocks: 1,
+            steps_per_block: committed.len(),
+        };
+        let steps: Vec<(usize, usize)> = committed.iter().map(|&c| (0, c)).collect();
+        self.request_blocks(prompt, slots, mode, &plan, &steps)
+    }
+
+    /// A whole request from its per-step (block, committed count): prefix mode runs the
+    /// window after the first step, dual mode the block's window after each block's first
+    /// step; only the current block's masked slots are scored.
+    fn request_blocks(
+        &self,
+        prompt: usize,
+        slots: usize,
+        mode: CacheMode,
+        plan: &BlockPlan,
+        steps: &[(usize, usize)],
+    ) -> f64 {
+        let mut masked: Vec<usize> = (0..plan.num_blocks)
+            .map(|b| plan.block(b, slots).len())
+            .collect();
         let mut total = 0.0;
-        for (k, &c) in committed.iter().enumerate() {
-            let queries = if cached && k > 0 { 1 + slots } else { prompt + slots };
-            total += self.step(queries, prompt + slots, masked);
-            masked = masked.saturating_sub(c);
+        let mut last_block = None;
+        for (k, &(b, c)) in steps.iter().enumerate() {
+            let queries = match mode {
+                CacheMode::Prefix if k > 0 => 1 + slots,
+                CacheMode::Dual if last_block == Some(b) => plan.block(b, slots).len() + 1,
+                _ => prompt + slots,
+            };
+            total += self.step(queries, prompt + slots, masked[b]);
+            masked[b] = masked[b].saturating_sub(c);
+            last_block = Some(b);
         }
         total
     }
@@ -177,15 +214,16 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
         GroupDevices::Cpu => Device::Cpu,
         GroupDevices::Cuda { first_ordinal } => Device::new_cuda(first_ordinal)?,
     };
-    let modes: Vec<bool> = if a.cache {
-        vec![true]
+    let modes: Vec<CacheMode> = if a.cache {
+        vec![CacheMode::Prefix]
     } else {
         a.modes
             .iter()
             .map(|m| match m.as_str() {
-                "exact" => Ok(false),
-                "cached" => Ok(true),
-                other => bail!("`--modes` takes exact and cached, got {other:?}"),
+                "exact" => Ok(CacheMode::Exact),
+                "cached" | "prefix" => Ok(CacheMode::Prefix),
+                "dual" => Ok(CacheMode::Dual),
+                other => bail!("`--modes` takes exact, cached (prefix) and dual, got {other:?}"),
             })
             .collect::<anyhow::Result<_>>()?
     };
@@ -234,14 +272,15 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
     // Text ids well below the special ids at the top of the vocabulary.
     let text_ids = (cfg.vocab_size - 1024).min(150_000) as u64;
     let steps = a.steps.unwrap_or(a.response_tokens);
-    let request = |salt: u64, cached: bool| {
+    let request = |salt: u64, mode: CacheMode| {
         let prompt_ids = (0..a.prompt_tokens as u64)
             .map(|i| ((i * 7919 + salt * 104_729) % text_ids) as u32)
             .collect();
         let params = DecodeParams {
             max_new_tokens: a.response_tokens,
             steps,
-            use_cache: cached,
+            cache: Some(mode),
+            block_length: a.block_length,
             ..DecodeParams::default()
         };
         GenerateRequest {
@@ -257,10 +296,10 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
         slots: usize,
         useful_flops: f64,
     }
-    let run_level = |c: usize, salt: u64, cached: bool| -> anyhow::Result<Level> {
+    let run_level = |c: usize, salt: u64, mode: CacheMode| -> anyhow::Result<Level> {
         let started = Instant::now();
         let rxs = (0..c)
-            .map(|i| engine.submit(request(salt + i as u64, cached)))
+            .map(|i| engine.submit(request(salt + i as u64, mode)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut level = Level {
             wall: 0.0,
@@ -272,25 +311,35 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
             let mut committed = Vec::new();
             loop {
                 match rx.blocking_recv().context("the engine stopped")? {
-                    EngineEvent::Step { committed: c, .. } => {
+                    EngineEvent::Step {
+                        committed: c,
+                        block,
+                        ..
+                    } => {
                         level.slots += c.len();
-                        committed.push(c.len());
+                        committed.push((block, c.len()));
                     }
                     EngineEvent::Finished(_) => break,
                     EngineEvent::Failed(e) => bail!("request failed: {e}"),
                 }
             }
             level.latencies.push(started.elapsed().as_secs_f64());
-            level.useful_flops +=
-                flops.request(a.prompt_tokens, a.response_tokens, cached, &committed);
+            let plan = request(0, mode).params.block_plan();
+            level.useful_flops += flops.request_blocks(
+                a.prompt_tokens,
+                a.response_tokens,
+                mode,
+                &plan,
+                &committed,
+            );
         }
         level.wall = started.elapsed().as_secs_f64();
         Ok(level)
     };
     // Warm-up: buffers, thread pools, and on a GPU kernel loading, on first use.
     let warm = Instant::now();
-    for &cached in &modes {
-        run_level(1, 0, cached)?;
+    for &mode in &modes {
+        run_level(1, 0, mode)?;
     }
     eprintln!("warm-up: {:.2} s", warm.elapsed().as_secs_f64());
     println!(
@@ -301,7 +350,7 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
         "| mode | concurrency | forward passes | mean step ms | request p50 s | request max s | slots/s | useful GFLOP/s | of matmul best |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for &cached in &modes {
+    for &mode in &modes {
         for (k, &c) in a.concurrency.iter().enumerate() {
             let mut agg = Level {
                 wall: 0.0,
@@ -313,7 +362,7 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
                 l.clear();
             }
             for round in 0..a.rounds.max(1) {
-                let lv = run_level(c, 1_000 * (k as u64 + 1) + 97 * round as u64, cached)?;
+                let lv = run_level(c, 1_000 * (k as u64 + 1) + 97 * round as u64, mode)?;
                 agg.wall += lv.wall;
                 agg.latencies.extend(lv.latencies);
                 agg.slots += lv.slots;
@@ -328,7 +377,12 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
             let rate = agg.useful_flops / agg.wall;
             println!(
                 "| {} | {c} | {} | {:.1} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
-                if cached { "cached" } else { "exact" },
+                match (mode, a.block_length) {
+                    (CacheMode::Exact, _) => "exact".to_string(),
+                    (CacheMode::Prefix, _) => "cached".to_string(),
+                    (CacheMode::Dual, Some(b)) => format!("dual, block {b}"),
+                    (CacheMode::Dual, None) => "dual".to_string(),
+                },
                 steps.len(),
                 mean_step * 1e3,
                 percentile(&agg.latencies, 0.5),

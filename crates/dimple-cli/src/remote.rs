@@ -92,6 +92,8 @@ pub(crate) fn params(d: &DecodeArgs) -> v1::DecodeParams {
         use_original_confidence: Some(!d.no_original_confidence),
         seed: Some(d.seed),
         use_cache: Some(d.cache),
+        block_length: d.block_length.map(|n| n as u32),
+        cache_mode: d.cache_mode.clone().unwrap_or_default(),
     }
 }
 

@@ -294,6 +294,8 @@ impl RouterTarget {
                 use_original_confidence: Some(p.use_original_confidence),
                 seed: Some(p.seed),
                 use_cache: Some(p.use_cache),
+                block_length: p.block_length.map(|n| n as u32),
+                cache_mode: p.cache.map(|c| c.as_str().to_owned()).unwrap_or_default(),
             }),
             prior: None,
             stream: None,

@@ -6,7 +6,9 @@
 //! parameters travel fully resolved (`worker::DecodeParams` <-> `DecodeParams`), finish
 //! reasons as their core spelling.
 
-use dimple_core::params::{Alg, DecodeParams, FinishReason, ParamError, Pipeline, StructurePrior};
+use dimple_core::params::{
+    Alg, CacheMode, DecodeParams, FinishReason, ParamError, Pipeline, StructurePrior,
+};
 
 use crate::{v1, worker};
 
@@ -310,9 +312,24 @@ fn params_input(p: v1::DecodeParams) -> Result<ParamsInput, ConvertError> {
                 .unwrap_or(defaults.use_original_confidence),
             seed: p.seed.unwrap_or(defaults.seed),
             use_cache: p.use_cache.unwrap_or(defaults.use_cache),
+            block_length: p.block_length.map(|n| n as usize),
+            cache: cache_mode(&p.cache_mode)?,
             ..defaults
         },
     })
+}
+
+/// An explicit cache mode; the empty string leaves it to `use_cache`.
+fn cache_mode(s: &str) -> Result<Option<CacheMode>, ConvertError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|source| ConvertError::Param {
+            field: "params.cache_mode",
+            source,
+        })
 }
 
 /// `usize` to `u32` for counts bounded by validated limits; saturates rather than wraps.
@@ -358,6 +375,8 @@ impl From<&DecodeParams> for worker::DecodeParams {
             use_original_confidence: p.use_original_confidence,
             seed: p.seed,
             use_cache: p.use_cache,
+            block_length: p.block_length.map(sat_u32),
+            cache_mode: p.cache.map(|c| c.as_str().to_owned()).unwrap_or_default(),
             prior: p
                 .prior
                 .fixed
@@ -401,8 +420,8 @@ impl TryFrom<worker::DecodeParams> for DecodeParams {
                     .map(|t| (t.position as usize, t.token_id))
                     .collect(),
             },
-            block_length: None,
-            cache: None,
+            block_length: p.block_length.map(|n| n as usize),
+            cache: cache_mode(&p.cache_mode)?,
         })
     }
 }
@@ -526,6 +545,35 @@ mod tests {
         };
         let wire = worker::DecodeParams::from(&p);
         assert_eq!(DecodeParams::try_from(wire).unwrap(), p);
+    }
+
+    #[test]
+    fn block_length_and_cache_mode_cross_both_services() {
+        let mut req = text_request("hi");
+        req.params = Some(v1::DecodeParams {
+            block_length: Some(8),
+            cache_mode: "dual".into(),
+            ..Default::default()
+        });
+        let p = GenerateInput::try_from(req)
+            .unwrap()
+            .params
+            .resolve(32, StructurePrior::default());
+        assert_eq!((p.block_length, p.cache), (Some(8), Some(CacheMode::Dual)));
+        let wire = worker::DecodeParams::from(&p);
+        assert_eq!((wire.block_length, wire.cache_mode.as_str()), (Some(8), "dual"));
+        assert_eq!(DecodeParams::try_from(wire).unwrap(), p);
+        // Unset stays unset: `use_cache` alone decides.
+        let plain = worker::DecodeParams::from(&DecodeParams::default());
+        assert_eq!((plain.block_length, plain.cache_mode.as_str()), (None, ""));
+        let mut bad = text_request("hi");
+        bad.params = Some(v1::DecodeParams {
+            cache_mode: "full".into(),
+            ..Default::default()
+        });
+        let e = GenerateInput::try_from(bad).unwrap_err();
+        assert!(e.to_string().starts_with("`params.cache_mode`: unknown `cache` mode"), "{e}");
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::InvalidArgument);
     }
 
     #[test]

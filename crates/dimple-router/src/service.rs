@@ -524,6 +524,7 @@ fn step_update(
             .include_canvas
             .then(|| render_canvas(prompt, row, mask, &valid.stream.mask_placeholder)),
         prefix_text: answer_text(prompt, &row[..first_mask], model.eos_token_id),
+        block: step.block,
     }
 }
 

@@ -182,10 +182,13 @@ impl Stream for EventStream {
         };
         let item = match event {
             Some(EngineEvent::Step {
-                step, committed, ..
+                step,
+                block,
+                committed,
             }) => Ok(pb::GenerateEvent {
                 event: Some(pb::generate_event::Event::Step(pb::Step {
                     step: sat_u32(step),
+                    block: sat_u32(block),
                     committed: committed
                         .into_iter()
                         .map(|(p, t)| pb::FixedToken {
