@@ -507,3 +507,39 @@ fn dual_caches_are_charged_to_the_pool_and_freed_on_cancel() {
     assert_eq!(out.history, reference(&model, req).history);
     engine.shutdown();
 }
+
+/// Under tensor parallelism each rank keeps its kv heads of the dual cache: a group of two
+/// decodes the block requests of every cache mode as the single model does.
+#[test]
+fn block_decoding_across_two_ranks() {
+    let mut reqs = block_requests(CacheMode::Dual);
+    reqs.extend(block_requests(CacheMode::Exact).into_iter().take(2));
+    let one = engine(EngineConfig::default());
+    let two = dimple_engine::start_group(
+        &dimple_model::Checkpoint::Dir(golden("")),
+        dimple_engine::GroupConfig::cpu(2),
+        EngineConfig::default(),
+        None,
+    )
+    .expect("group starts");
+    for (i, req) in reqs.iter().enumerate() {
+        let (a, blocks_a) = decode(&one, req);
+        let (b, blocks_b) = decode(&two, req);
+        assert_eq!(b.history, a.history, "request {i}");
+        assert_eq!(blocks_b, blocks_a, "request {i}");
+    }
+    // Each rank holds half of the kv heads.
+    let dual = &reqs[0];
+    let rx = two.submit(dual.clone()).unwrap();
+    let p = dual.prompt_ids.len();
+    let half = dimple_engine::cached_positions(&dual.params, p) * BYTES_PER_POSITION / 2;
+    let mut rx = rx;
+    assert!(matches!(recv_within(&mut rx, WAIT), Some(EngineEvent::Step { .. })));
+    wait_until("the rank share is accounted", WAIT, || {
+        two.stats().cache_used_bytes == half
+    });
+    drop(rx);
+    wait_until("the cache is free", WAIT, || two.stats().cache_used_bytes == 0);
+    one.shutdown();
+    two.shutdown();
+}
