@@ -325,13 +325,8 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
             }
             level.latencies.push(started.elapsed().as_secs_f64());
             let plan = request(0, mode).params.block_plan();
-            level.useful_flops += flops.request_blocks(
-                a.prompt_tokens,
-                a.response_tokens,
-                mode,
-                &plan,
-                &committed,
-            );
+            level.useful_flops +=
+                flops.request_blocks(a.prompt_tokens, a.response_tokens, mode, &plan, &committed);
         }
         level.wall = started.elapsed().as_secs_f64();
         Ok(level)

@@ -29,7 +29,13 @@ async fn block_length_and_cache_mode_through_the_cluster() {
     assert_eq!(blocks.last(), Some(&2));
     for u in &streamed.updates {
         for c in &u.committed {
-            assert_eq!(c.position / 8, u.block, "slot {} in block {}", c.position, u.block);
+            assert_eq!(
+                c.position / 8,
+                u.block,
+                "slot {} in block {}",
+                c.position,
+                u.block
+            );
         }
     }
 
@@ -86,9 +92,16 @@ async fn block_length_and_cache_mode_through_the_cluster() {
     assert_eq!(blocks, local_blocks);
 
     for (field, edit) in [
-        ("cache_mode", (|p: &mut v1::DecodeParams| p.cache_mode = "full".into()) as fn(&mut _)),
-        ("block_length", |p: &mut v1::DecodeParams| p.block_length = Some(0)),
-        ("block_length", |p: &mut v1::DecodeParams| p.block_length = Some(25)),
+        (
+            "cache_mode",
+            (|p: &mut v1::DecodeParams| p.cache_mode = "full".into()) as fn(&mut _),
+        ),
+        ("block_length", |p: &mut v1::DecodeParams| {
+            p.block_length = Some(0)
+        }),
+        ("block_length", |p: &mut v1::DecodeParams| {
+            p.block_length = Some(25)
+        }),
     ] {
         let mut bad = req.clone();
         edit(bad.params.as_mut().unwrap());

@@ -124,7 +124,12 @@ fn block_and_cache_settings_on_the_demo_items() {
             assert_eq!(f.finish_reason, FinishReason::Completed, "{}", label(s));
             assert!(f.steps >= blocks.len(), "{}", label(s));
             if let Some(b) = s.1 {
-                assert_eq!(*blocks.last().unwrap(), 16usize.div_ceil(b) - 1, "{}", label(s));
+                assert_eq!(
+                    *blocks.last().unwrap(),
+                    16usize.div_ceil(b) - 1,
+                    "{}",
+                    label(s)
+                );
             }
             out.push(f);
         }
@@ -151,9 +156,8 @@ fn block_and_cache_settings_on_the_demo_items() {
             correct as f64 / out.len() as f64
         );
     }
-    let ids = |k: &str| -> Vec<Vec<u32>> {
-        results[k].iter().map(|f| f.response_ids.clone()).collect()
-    };
+    let ids =
+        |k: &str| -> Vec<Vec<u32>> { results[k].iter().map(|f| f.response_ids.clone()).collect() };
     assert_eq!(ids("exact block 16 thr 0.9"), ids("exact block - thr 0.9"));
     assert_eq!(ids("dual block 16 thr 0.9"), ids("prefix block - thr 0.9"));
     assert_eq!(engine.stats().cache_used_bytes, 0);

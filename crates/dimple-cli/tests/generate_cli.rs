@@ -271,11 +271,24 @@ fn block_and_cache_mode_flags() {
     let base = golden_args(name, &case);
     let without_cache: Vec<String> = base.iter().filter(|a| *a != "--cache").cloned().collect();
     let mut one_block = without_cache.clone();
-    one_block.extend(["--cache-mode".into(), "dual".into(), "--block-length".into(), "24".into()]);
-    assert_eq!(json_output(&one_block)["history"], json_output(&base)["history"]);
+    one_block.extend([
+        "--cache-mode".into(),
+        "dual".into(),
+        "--block-length".into(),
+        "24".into(),
+    ]);
+    assert_eq!(
+        json_output(&one_block)["history"],
+        json_output(&base)["history"]
+    );
 
     let mut blocks = without_cache;
-    blocks.extend(["--cache-mode".into(), "dual".into(), "--block-length".into(), "8".into()]);
+    blocks.extend([
+        "--cache-mode".into(),
+        "dual".into(),
+        "--block-length".into(),
+        "8".into(),
+    ]);
     let out = json_output(&blocks);
     let per_step: Vec<u64> = ids(&out["blocks"]);
     let history = out["history"].as_array().unwrap();

@@ -636,7 +636,13 @@ impl Rank {
                 // The window starts one position before the block: its output row gives
                 // the block's first slot its logits.
                 if b.start == 0 {
-                    Tensor::cat(&[&seq.prompt_embeds.narrow(0, p - 1, 1)?, &resp.narrow(0, 0, b.end)?], 0)?
+                    Tensor::cat(
+                        &[
+                            &seq.prompt_embeds.narrow(0, p - 1, 1)?,
+                            &resp.narrow(0, 0, b.end)?,
+                        ],
+                        0,
+                    )?
                 } else {
                     resp.narrow(0, b.start - 1, b.len() + 1)?
                 }

@@ -128,7 +128,9 @@ impl Sequence {
         };
         // Validation leaves at least one masked slot, so some block has one.
         if seq.enter_block(0).is_none() {
-            return Err(EngineError::Invalid("the response has no masked slot".into()));
+            return Err(EngineError::Invalid(
+                "the response has no masked slot".into(),
+            ));
         }
         Ok((seq, admit))
     }
@@ -179,8 +181,7 @@ impl Sequence {
     pub fn step_tokens(&self) -> usize {
         if self.in_block_window() {
             self.block_range().len() + 1
-        } else if self.cache_mode == CacheMode::Prefix && self.state == SequenceState::Decoding
-        {
+        } else if self.cache_mode == CacheMode::Prefix && self.state == SequenceState::Decoding {
             self.response_len() + 1
         } else {
             self.ids.len()

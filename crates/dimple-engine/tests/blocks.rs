@@ -86,7 +86,10 @@ fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn reference(model: &DimpleModel, req: &GenerateRequest) -> RefRun {
     let params = &req.params;
     let mode = params.cache_mode();
-    assert!(mode != CacheMode::Prefix, "the reference covers exact and dual");
+    assert!(
+        mode != CacheMode::Prefix,
+        "the reference covers exact and dual"
+    );
     let cfg = model.config();
     let text = &model.text;
     let p = req.prompt_ids.len();
@@ -311,8 +314,15 @@ fn check_against_reference(cache: CacheMode) -> Vec<RefRun> {
         let want = reference(&model, req);
         let (got, blocks) = decode(&engine, req);
         assert_eq!(got.history, want.history, "{cache} request {i}: history");
-        assert_eq!(blocks, want.blocks, "{cache} request {i}: block of each step");
-        assert_eq!(got.finished.steps, want.history.len(), "{cache} request {i}");
+        assert_eq!(
+            blocks, want.blocks,
+            "{cache} request {i}: block of each step"
+        );
+        assert_eq!(
+            got.finished.steps,
+            want.history.len(),
+            "{cache} request {i}"
+        );
         let plan = req.params.block_plan();
         assert!(
             blocks.last() == Some(&(plan.num_blocks - 1)),
@@ -339,7 +349,10 @@ fn dual_cache_decoding_equals_the_reference_and_is_stale_only_within_blocks() {
     let runs = check_against_reference(CacheMode::Dual);
     let window_steps: usize = runs.iter().map(|r| r.window_steps).sum();
     let stale_steps: usize = runs.iter().map(|r| r.stale_steps).sum();
-    assert!(window_steps > 10, "in-block window steps ran ({window_steps})");
+    assert!(
+        window_steps > 10,
+        "in-block window steps ran ({window_steps})"
+    );
     assert!(
         stale_steps > 0,
         "the dual cache is an approximation within blocks ({stale_steps} stale steps)"
@@ -534,12 +547,17 @@ fn block_decoding_across_two_ranks() {
     let p = dual.prompt_ids.len();
     let half = dimple_engine::cached_positions(&dual.params, p) * BYTES_PER_POSITION / 2;
     let mut rx = rx;
-    assert!(matches!(recv_within(&mut rx, WAIT), Some(EngineEvent::Step { .. })));
+    assert!(matches!(
+        recv_within(&mut rx, WAIT),
+        Some(EngineEvent::Step { .. })
+    ));
     wait_until("the rank share is accounted", WAIT, || {
         two.stats().cache_used_bytes == half
     });
     drop(rx);
-    wait_until("the cache is free", WAIT, || two.stats().cache_used_bytes == 0);
+    wait_until("the cache is free", WAIT, || {
+        two.stats().cache_used_bytes == 0
+    });
     one.shutdown();
     two.shutdown();
 }

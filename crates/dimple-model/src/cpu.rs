@@ -318,8 +318,7 @@ pub(crate) fn attention(
                 return Err(ModelError::Input("suffix cache of the wrong size".into()));
             }
         }
-        if s
-            .key_valid
+        if s.key_valid
             .is_some_and(|kv| kv.len() != s.prefix_len + s.len + s.suffix_len)
         {
             return Err(ModelError::Input("key mask of the wrong size".into()));

@@ -129,7 +129,11 @@ fn check(dtype: DType) {
         kv_cache_bytes(&cfg, l - (BLOCK.len() + 1), dtype)
     );
     let window = window_pass(text, &ids, &positions, &pass.prefix, &pass.suffix);
-    assert_close(&format!("{dtype:?}: window vs whole pass"), &window, &pass.full);
+    assert_close(
+        &format!("{dtype:?}: window vs whole pass"),
+        &window,
+        &pass.full,
+    );
 
     // The kept parts are the whole sequence's keys/values at those positions.
     let all = text
@@ -146,7 +150,12 @@ fn check(dtype: DType) {
         )
         .unwrap();
     let all = all[0].cache.as_ref().unwrap();
-    for (li, ((pk, pv), (sk, sv))) in pass.prefix.layers.iter().zip(&pass.suffix.layers).enumerate()
+    for (li, ((pk, pv), (sk, sv))) in pass
+        .prefix
+        .layers
+        .iter()
+        .zip(&pass.suffix.layers)
+        .enumerate()
     {
         let (ak, av) = &all.layers[li];
         for (got, whole, from, n) in [

@@ -324,12 +324,10 @@ fn cache_mode(s: &str) -> Result<Option<CacheMode>, ConvertError> {
     if s.is_empty() {
         return Ok(None);
     }
-    s.parse()
-        .map(Some)
-        .map_err(|source| ConvertError::Param {
-            field: "params.cache_mode",
-            source,
-        })
+    s.parse().map(Some).map_err(|source| ConvertError::Param {
+        field: "params.cache_mode",
+        source,
+    })
 }
 
 /// `usize` to `u32` for counts bounded by validated limits; saturates rather than wraps.
@@ -561,7 +559,10 @@ mod tests {
             .resolve(32, StructurePrior::default());
         assert_eq!((p.block_length, p.cache), (Some(8), Some(CacheMode::Dual)));
         let wire = worker::DecodeParams::from(&p);
-        assert_eq!((wire.block_length, wire.cache_mode.as_str()), (Some(8), "dual"));
+        assert_eq!(
+            (wire.block_length, wire.cache_mode.as_str()),
+            (Some(8), "dual")
+        );
         assert_eq!(DecodeParams::try_from(wire).unwrap(), p);
         // Unset stays unset: `use_cache` alone decides.
         let plain = worker::DecodeParams::from(&DecodeParams::default());
@@ -572,7 +573,11 @@ mod tests {
             ..Default::default()
         });
         let e = GenerateInput::try_from(bad).unwrap_err();
-        assert!(e.to_string().starts_with("`params.cache_mode`: unknown `cache` mode"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("`params.cache_mode`: unknown `cache` mode"),
+            "{e}"
+        );
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::InvalidArgument);
     }
 
