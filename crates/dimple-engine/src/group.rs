@@ -11,6 +11,11 @@
 //! Rank 0 replies with the per-slot results, the others with an acknowledgement; the
 //! engine thread applies each request's own policy and random generator.
 //!
+//! A sequence's step is one of three shapes: the whole sequence (possibly keeping the
+//! keys/values of its leading and trailing positions), the last prompt token and the
+//! response against the kept prompt (prefix cache), or one block's window against the kept
+//! keys/values before and after it (dual cache).
+//!
 //! Failure: a rank whose step errs or panics aborts the group's communicator, so peers
 //! blocked in a collective fail instead of waiting, and the thread ends. The engine thread
 //! waits for every rank's reply with a deadline and treats an error, a vanished rank or a

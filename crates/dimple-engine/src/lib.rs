@@ -5,7 +5,11 @@
 //! receives (`events`).
 //!
 //! Every request decodes exactly as the official implementation decodes it alone; batching
-//! changes throughput, never results.
+//! changes throughput, never results. On top of the official decoding a request may ask for
+//! block-wise decoding (`DecodeParams::block_length`) and a cache approximation per request
+//! (`DecodeParams::cache`: exact, the official prefix cache, or the dual cache that keeps
+//! the keys/values outside the current block and recomputes only the block between block
+//! starts); requests of every mode share the same forward passes.
 
 pub mod engine;
 pub mod error;
