@@ -65,26 +65,35 @@ pub struct BenchRandomArgs {
 fn shape(name: &str) -> anyhow::Result<DimpleConfig> {
     // Unset fields take the Dimple-7B defaults (see `DimpleConfig`).
     let json = match name {
-        "7b" => r#"{"num_key_value_heads": 4}"#,
-        "small" => {
-            r#"{"num_key_value_heads": 2, "num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8,
-                "intermediate_size": 1408, "vocab_size": 8192, "mrope_section": [8, 12, 12],
-                "image_token_id": 8186, "video_token_id": 8187, "vision_start_token_id": 8188,
-                "vision_end_token_id": 8189, "vision_token_id": 8190, "mask_token_id": 8191,
-                "pad_token_id": 8185, "eos_token_id": 8185,
-                "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 512, "fullatt_block_indexes": [0]}}"#
-        }
-        "speed" => {
-            r#"{"num_key_value_heads": 2, "num_hidden_layers": 8, "hidden_size": 512, "num_attention_heads": 8,
-                "intermediate_size": 1536, "vocab_size": 32768, "mrope_section": [8, 12, 12],
-                "image_token_id": 32762, "video_token_id": 32763, "vision_start_token_id": 32764,
-                "vision_end_token_id": 32765, "vision_token_id": 32766, "mask_token_id": 32767,
-                "pad_token_id": 32761, "eos_token_id": 32761,
-                "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 512, "fullatt_block_indexes": [0]}}"#
-        }
+        "7b" => r#"{"num_key_value_heads": 4}"#.to_string(),
+        "small" => narrow_shape(4, 1408, 8192),
+        "speed" => narrow_shape(8, 1536, 32768),
         other => bail!("`--shape` must be 7b, speed or small, got {other:?}"),
     };
-    Ok(DimpleConfig::from_json(json)?)
+    Ok(DimpleConfig::from_json(&json)?)
+}
+
+/// A hidden-512, 8/2-head text model of `layers` layers with the special ids at the top of
+/// its vocabulary, and a one-block vision tower.
+fn narrow_shape(layers: usize, inter: usize, vocab: usize) -> String {
+    let id = |below: usize| vocab - below;
+    format!(
+        r#"{{"num_key_value_heads": 2, "num_hidden_layers": {layers}, "hidden_size": 512,
+            "num_attention_heads": 8, "intermediate_size": {inter}, "vocab_size": {vocab},
+            "mrope_section": [8, 12, 12], "image_token_id": {}, "video_token_id": {},
+            "vision_start_token_id": {}, "vision_end_token_id": {}, "vision_token_id": {},
+            "mask_token_id": {}, "pad_token_id": {}, "eos_token_id": {},
+            "vision_config": {{"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                               "out_hidden_size": 512, "fullatt_block_indexes": [0]}}}}"#,
+        id(6),
+        id(5),
+        id(4),
+        id(3),
+        id(2),
+        id(1),
+        id(7),
+        id(7)
+    )
 }
 
 /// Matmul FLOPs of the model's work, from its shape.

@@ -200,6 +200,25 @@ impl Rope {
     }
 }
 
+/// Each sequence's logits rows (packed in `logits`, in sequence order) and kept cache.
+fn split_outputs(
+    seqs: &[SeqInput<'_>],
+    logits: &Tensor,
+    caches: Vec<Vec<(Tensor, Tensor)>>,
+) -> Result<Vec<SeqOutput>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut off = 0;
+    for (s, layers) in seqs.iter().zip(caches) {
+        let r = s.logit_rows.len();
+        out.push(SeqOutput {
+            logits: logits.narrow(0, off, r)?,
+            cache: (s.keep_prefix > 0).then_some(KvCache { layers }),
+        });
+        off += r;
+    }
+    Ok(out)
+}
+
 /// Attention over the rank's heads (all of them in a group of one).
 struct Attention {
     /// q, k and v fused into one projection: output columns `[q heads | k heads | v heads]`.
@@ -543,20 +562,7 @@ impl TextModel {
                 .forward(&xs.index_select(&idx, 0)?)?
                 .to_dtype(DType::F32)?
         };
-        let mut out = Vec::with_capacity(seqs.len());
-        let mut off = 0;
-        for (n, s) in seqs.iter().enumerate() {
-            let r = s.logit_rows.len();
-            let cache = (s.keep_prefix > 0).then(|| KvCache {
-                layers: std::mem::take(&mut caches[n]),
-            });
-            out.push(SeqOutput {
-                logits: logits.narrow(0, off, r)?,
-                cache,
-            });
-            off += r;
-        }
-        Ok(out)
+        split_outputs(seqs, &logits, caches)
     }
 
     /// [`TextModel::forward`] in f32 on the CPU, over reused host buffers (see `crate::cpu`).
@@ -752,20 +758,7 @@ impl TextModel {
         }
         drop(host);
         let logits = Tensor::from_vec(logits, (picked.len(), vocab), &Device::Cpu)?;
-        let mut out = Vec::with_capacity(seqs.len());
-        let mut off = 0;
-        for (n, s) in seqs.iter().enumerate() {
-            let r = s.logit_rows.len();
-            let cache = (s.keep_prefix > 0).then(|| KvCache {
-                layers: std::mem::take(&mut caches[n]),
-            });
-            out.push(SeqOutput {
-                logits: logits.narrow(0, off, r)?,
-                cache,
-            });
-            off += r;
-        }
-        Ok(out)
+        split_outputs(seqs, &logits, caches)
     }
 
     /// Keys and values `[kv_heads, keep, hd]` of the first `keep` new tokens of a
