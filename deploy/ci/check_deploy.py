@@ -335,6 +335,9 @@ def check_dockerfile(path, cuda):
         assert re.match(r"nvidia/cuda:13\.0\.\d+-", base), f"{base} is not CUDA 13.0 (driver 580)"
         env = " ".join(r for st in stages for i, r in st if i in ("ENV", "ARG"))
         assert "CUDA_COMPUTE_CAP" in env, "CUDA_COMPUTE_CAP not set for the kernel build"
+        # the ranks' all-reduce needs NCCL in the runtime image: ensured, and verified at build
+        assert any("libnccl2" in r and r.rstrip().endswith("ldconfig -p | grep -q 'libnccl\\.so\\.2 '")
+                   for i, r in final if i == "RUN"), "the CUDA runtime stage does not ensure libnccl.so.2"
     else:
         assert re.match(r"debian:[a-z]+-slim$", base), f"runtime base {base} is not debian-slim"
 
