@@ -3,17 +3,23 @@
 What is checked, each counted as one line `ok - ...` or `FAIL - ...`:
   * Dockerfiles: hadolint, and that each image runs `dimple` as a non-root user, builds
     `-p dimple-cli` in release mode (CUDA: `--features cuda` on a CUDA 13.0 devel base with the
-    matching runtime base), exposes the contract's ports; .dockerignore keeps what the build reads.
+    matching runtime base, which must ensure libnccl.so.2), exposes the contract's ports;
+    .dockerignore keeps what the build reads.
   * Flags: every `--flag` the chart's templates can emit is one that `dimple router --help` /
-    `dimple worker --help` lists (the real binary when found, else the contract's list below).
-  * For the default values and each file in deploy/ci/values/: `helm lint --strict`,
-    `helm template`, validation of every rendered object against the Kubernetes JSON schemas
-    (kubernetes-validate, strict: unknown fields fail; only ServiceMonitor, a CRD, may have no
-    schema), and assertions on the rendered YAML against the expectations in EXPECT, written
-    by hand from each values file: GPUs requested, tensor-parallel degree, model volume and
-    mount, etcd endpoints, advertised address, probes, TLS, API keys, NetworkPolicy.
-  * Every file in deploy/ci/bad/ must make `helm template` fail with the message named on its
-    first line (`# expect: ...`): schema rejections and the chart's own `fail` checks.
+    `dimple worker --help` lists (the real binary when found, else the contract's list below),
+    or one of HARDENING_FLAGS (flags other work adds to the binary).
+  * For the default values and each file in deploy/ci/values/, under Helm 4 and Helm 3:
+    `helm lint --strict` and `helm template`, the same manifests from both, validation of every
+    object against the Kubernetes JSON schemas (kubernetes-validate, strict: unknown fields
+    fail; only the CRD objects of CRDS_WITHOUT_SCHEMA may have no schema), and assertions on
+    the rendered objects against EXPECT, written by hand from each values file: GPUs and
+    `--device`, tensor-parallel degree, node selector, model volume and download, routers'
+    prompt assets, etcd endpoints, advertised address, health probes, drain, TLS, internal
+    mTLS, etcd TLS/auth, API keys, NetworkPolicy, metrics Services, ServiceMonitor, alerts,
+    dashboard and KEDA (whose metric names must exist in crates/dimple-proto/src/telemetry.rs).
+  * Every file in deploy/ci/bad/ must make `helm template` fail, under both Helms, with the
+    message named on its first line (see bad_expectations): schema rejections and the chart's
+    own `fail` checks.
   * deploy/kubernetes/dimple.yaml equals a fresh render of the defaults, validates, and
     `kubectl kustomize deploy/kubernetes` builds; deploy/README.md's values table matches
     values.yaml's comments (`--regen` rewrites both generated files).
@@ -867,6 +873,18 @@ def main():
             continue
         report.check(f"[{label}] rendered objects match the values (GPUs, device, model, assets, probes, drain, "
                      "etcd, TLS, keys, policy, monitoring)", check_rendered, docs, EXPECT[label], allowed)
+
+    # overrides on top of a values file: a value set by one file can be cleared by a later one
+    for helm_name, helm in HELMS:
+        def selector_cleared(helm=helm):
+            vf = CI / "values" / "external-etcd.yaml"
+            out = run([helm, "template", RELEASE, str(CHART), "-f", str(vf), "--set", "worker.gpuNodeSelector=null"])
+            assert out.returncode == 0, out.stderr.strip()[-800:]
+            pod = one(load_docs(out.stdout), "StatefulSet", "dimple-worker")["spec"]["template"]["spec"]
+            assert "nodeSelector" not in pod, f"worker nodeSelector {pod['nodeSelector']} survived `=null`"
+
+        report.check(f"worker.gpuNodeSelector set in a values file is cleared by --set ...=null ({helm_name})",
+                     selector_cleared)
 
     # values the schema (or the chart) must refuse
     for bad in sorted((CI / "bad").glob("*.yaml")):
