@@ -33,6 +33,8 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -744,6 +746,54 @@ def check_network_policy(docs, exp):
     assert covered == {50061, 9091}, f"worker policy opens {covered}"
 
 
+def check_download_script():
+    """Runs the rendered download init container's script with a stub `aws` on PATH."""
+    out = run(["helm", "template", RELEASE, str(CHART), "-f", str(CI / "values" / "gpu-download.yaml"),
+               "--set", "model.download.from=s3", "--set", "model.download.uri=s3://models/dimple-7b"])
+    assert out.returncode == 0, out.stderr.strip()[-800:]
+    pod = one(load_docs(out.stdout), "StatefulSet", "dimple-worker")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    script = init["command"][2].replace("sleep 15", "sleep 0.2")
+    env = {e["name"]: e.get("value", "") for e in init["env"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "bin").mkdir()
+        calls = tmp / "calls"
+        stub = tmp / "bin" / "aws"
+        stub.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nsleep 1\n'
+                        '[ -n "$FAIL" ] || echo {} > "$DEST/config.json"\n')
+        stub.chmod(0o755)
+        dest = tmp / "volume" / "Dimple-7B"
+        base = dict(os.environ, PATH=f"{tmp / 'bin'}:{os.environ['PATH']}", DEST=str(dest),
+                    SOURCE_ID=env["SOURCE_ID"], URI=env["URI"])
+
+        def start(**extra):
+            return subprocess.Popen(["sh", "-c", script], env=dict(base, **extra), text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+        first = start()
+        time.sleep(0.3)
+        second = start()
+        outs = [p.communicate(timeout=30)[0] for p in (first, second)]
+        assert first.returncode == 0 and second.returncode == 0, outs
+        assert calls.read_text().splitlines() == [f"s3 sync --only-show-errors {env['URI']} {dest}"], \
+            f"downloads: {calls.read_text()!r}"
+        assert (dest / ".dimple-download-complete").read_text().strip() == env["SOURCE_ID"]
+        again = start()
+        assert again.wait(timeout=10) == 0 and len(calls.read_text().splitlines()) == 1, "a restart downloaded again"
+        # a lock left by a killed pod, and a source change: downloads anew
+        lock = dest / ".dimple-download.lock"
+        lock.mkdir()
+        old = time.time() - 20 * 60
+        os.utime(lock, (old, old))
+        other = start(SOURCE_ID="s3:s3://models/other")
+        assert other.wait(timeout=30) == 0 and len(calls.read_text().splitlines()) == 2, other.stdout.read()
+        failed = start(SOURCE_ID="s3:s3://models/broken", FAIL="1")
+        (dest / "config.json").unlink()
+        assert failed.wait(timeout=30) != 0, "a download without config.json succeeded"
+        assert not (dest / ".dimple-download-complete").exists() and not lock.exists(), "marker or lock left behind"
+
+
 def check_rendered(docs, exp, allowed):
     check_worker(docs, exp, allowed)
     check_router(docs, exp, allowed)
@@ -885,6 +935,9 @@ def main():
 
         report.check(f"worker.gpuNodeSelector set in a values file is cleared by --set ...=null ({helm_name})",
                      selector_cleared)
+
+    report.check("model download script: one download, concurrent pods wait, restarts skip, "
+                 "stale locks are taken over, failures fail", check_download_script)
 
     # values the schema (or the chart) must refuse
     for bad in sorted((CI / "bad").glob("*.yaml")):

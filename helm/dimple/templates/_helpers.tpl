@@ -361,8 +361,11 @@ age is refreshed while the download runs (a lock left by a killed pod goes stale
         fi
         echo "another pod is downloading into $DEST; waiting"; sleep 15
       done
-      ( while sleep 60; do touch "$lock"; done ) & keepalive=$!
+      ( while sleep 60; do touch "$lock"; done ) >/dev/null 2>&1 & keepalive=$!
       trap 'kill $keepalive 2>/dev/null; rmdir "$lock" 2>/dev/null || true' EXIT
+      if [ "$(cat "$done_file" 2>/dev/null)" = "$SOURCE_ID" ]; then
+        echo "model from $SOURCE_ID downloaded by another pod"; exit 0
+      fi
       rm -f "$done_file"
       echo "downloading $SOURCE_ID into $DEST"
       {{- $fetch | nindent 6 }}
@@ -382,6 +385,8 @@ age is refreshed while the download runs (a lock left by a killed pod goes stale
     - name: URI
       value: {{ $d.uri | quote }}
     - name: HOME
+      value: /tmp/dl
+    - name: TMPDIR
       value: /tmp/dl
     - name: HF_HOME
       value: /tmp/dl/hf
