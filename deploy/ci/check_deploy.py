@@ -28,12 +28,14 @@ Exit status 1 when any check fails; the last line is `N passed, M failed`.
 """
 
 import base64
+import http.server
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -794,6 +796,108 @@ def check_download_script():
         assert not (dest / ".dimple-download-complete").exists() and not lock.exists(), "marker or lock left behind"
 
 
+class FakeApiServer:
+    """Just enough of a Kubernetes API server for `helm template --dry-run=server`: discovery,
+    and the etcd StatefulSet with `replicas` members (or none), so that the chart's `lookup`
+    of the running release can be exercised without a cluster."""
+
+    def __init__(self, replicas):
+        def send(handler, code, obj):
+            body = json.dumps(obj).encode()
+            handler.send_response(code)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body)
+
+        # the kinds the chart renders with default values (Helm maps each to a resource)
+        kinds = {
+            "v1": [("services", "Service"), ("serviceaccounts", "ServiceAccount"),
+                   ("secrets", "Secret"), ("configmaps", "ConfigMap")],
+            "apps/v1": [("deployments", "Deployment"), ("statefulsets", "StatefulSet")],
+            "policy/v1": [("poddisruptionbudgets", "PodDisruptionBudget")],
+            "networking.k8s.io/v1": [("networkpolicies", "NetworkPolicy")],
+            "autoscaling/v2": [("horizontalpodautoscalers", "HorizontalPodAutoscaler")],
+        }
+
+        def resources(gv):
+            return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv,
+                    "resources": [{"name": n, "singularName": k.lower(), "namespaced": True, "kind": k,
+                                   "verbs": ["get", "list", "create"]} for n, k in kinds[gv]]}
+
+        groups = [gv for gv in kinds if "/" in gv]
+        routes = {
+            "/version": {"major": "1", "minor": "31", "gitVersion": "v1.31.0"},
+            "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+            "/api/v1": resources("v1"),
+            "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": gv.split("/")[0], "versions": [{"groupVersion": gv, "version": gv.split("/")[1]}],
+                 "preferredVersion": {"groupVersion": gv, "version": gv.split("/")[1]}} for gv in groups]},
+        }
+        routes.update({f"/apis/{gv}": resources(gv) for gv in groups})
+        if replicas:
+            routes["/apis/apps/v1/namespaces/dimple/statefulsets/dimple-etcd"] = {
+                "apiVersion": "apps/v1", "kind": "StatefulSet",
+                "metadata": {"name": "dimple-etcd", "namespace": "dimple",
+                             "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                             "annotations": {"meta.helm.sh/release-name": RELEASE,
+                                             "meta.helm.sh/release-namespace": "dimple"}},
+                "spec": {"replicas": replicas}}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                if path in routes:
+                    send(self, 200, routes[path])
+                else:
+                    send(self, 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                     "reason": "NotFound", "code": 404})
+
+            def do_POST(self):  # a server-side dry-run create: echo the object
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                send(self, 201, json.loads(body or b"{}"))
+
+            do_PATCH = do_PUT = do_POST
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.dir = tempfile.TemporaryDirectory()
+        self.kubeconfig = Path(self.dir.name) / "kubeconfig"
+        self.kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{self.server.server_address[1]}"}}],
+            "users": [{"name": "fake", "user": {"token": "fake"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": "dimple"}}],
+        }))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.dir.cleanup()
+
+
+def check_etcd_member_count_fixed(helm):
+    """An upgrade may not change the in-chart etcd's member count; a new install may pick any."""
+    def render(live, wanted):
+        with FakeApiServer(live) as api:
+            return run([helm, "template", RELEASE, str(CHART), "--namespace", "dimple", "--dry-run=server", "--disable-openapi-validation",
+                        "--set", f"etcd.replicas={wanted}"], env=dict(os.environ, KUBECONFIG=str(api.kubeconfig)))
+
+    out = render(1, 3)
+    assert out.returncode != 0 and "etcd.replicas cannot change on an existing release (1 -> 3)" in out.stderr, \
+        f"1 -> 3 members not refused: {out.stderr.strip()[-600:]}"
+    for live, wanted in ((3, 3), (0, 3), (0, 1)):
+        out = render(live, wanted)
+        assert out.returncode == 0, f"{live} live -> {wanted} refused: {out.stderr.strip()[-600:]}"
+        (sts,) = by_kind(load_docs(out.stdout), "StatefulSet", "dimple-etcd")
+        assert sts["spec"]["replicas"] == wanted
+
+
 def check_rendered(docs, exp, allowed):
     check_worker(docs, exp, allowed)
     check_router(docs, exp, allowed)
@@ -935,6 +1039,10 @@ def main():
 
         report.check(f"worker.gpuNodeSelector set in a values file is cleared by --set ...=null ({helm_name})",
                      selector_cleared)
+
+    for helm_name, helm in HELMS:
+        report.check(f"etcd member count is fixed for a release: lookup of the live StatefulSet ({helm_name})",
+                     check_etcd_member_count_fixed, helm)
 
     report.check("model download script: one download, concurrent pods wait, restarts skip, "
                  "stale locks are taken over, failures fail", check_download_script)
