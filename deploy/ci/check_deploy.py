@@ -165,7 +165,7 @@ EXPECT = {
         download=dict(source="huggingface:rp-yu/Dimple-7B@main", dest="/model-volume/Dimple-7B",
                       secret="hf-token", image="python:3.12-slim"),
         keda=(1, 6), grpc_route=True, service_monitor=True, prometheus_rule=True,
-        pdbs={"dimple-router"},
+        pdbs={"dimple-router", "dimple-worker"},
         extra_worker_env_from=[{"configMapRef": {"name": "nccl-tuning"}}],
         extra_worker_volume=("nccl-topology", "/etc/nccl"), max_pending="512",
     ),
