@@ -116,7 +116,7 @@ BASE = dict(
     router_drain=(300, 10, 330), worker_drain=(300, 0, 330),
     download=None, keda=None, grpc_route=False, prometheus_rule=False, dashboard=False,
     internal_tls=None, etcd_tls=None, etcd_auth=None,
-    extra_worker_env_from=[], extra_worker_volume=None, max_pending=None,
+    extra_worker_env_from=[], extra_worker_volume=None, max_pending=None, ingress=None,
 )
 EXPECT = {
     "default": dict(BASE),
@@ -141,7 +141,7 @@ EXPECT = {
         api_keys_secret="ci-key-alpha\nci-key-beta\n",
         router_replicas=3, service_monitor=True,
         pdbs={"dimple-router", "dimple-worker", "dimple-etcd"},
-        prometheus_rule=True, dashboard=True,
+        prometheus_rule=True, dashboard=True, ingress=("dimple.example.com", "GRPCS"),
     ),
     "external-etcd": dict(
         BASE, gpus=2, tp=2, dtype="f16", worker_replicas=3,
@@ -660,8 +660,9 @@ def check_router(docs, exp, allowed):
         assert "api-keys-file" not in flags and not by_kind(docs, "Secret")
 
 
-def check_monitoring(docs, exp):
-    """ServiceMonitor on the metrics Services only; alerts, dashboard and KEDA use real metrics."""
+def check_monitoring_and_exposure(docs, exp):
+    """ServiceMonitor on the metrics Services only; alerts, dashboard and KEDA use real metrics;
+    Ingress and GRPCRoute lead to the router Service."""
     names = metric_names()
     sms = by_kind(docs, "ServiceMonitor")
     assert bool(sms) == exp["service_monitor"], "ServiceMonitor presence"
@@ -701,6 +702,14 @@ def check_monitoring(docs, exp):
         assert "dimple_engine_queue_depth_requests" in trig["metadata"]["query"]
         bad = unknown_metrics(trig["metadata"]["query"], names)
         assert not bad, f"KEDA query uses metrics no server exports: {bad}"
+    ingresses = by_kind(docs, "Ingress")
+    assert bool(ingresses) == bool(exp["ingress"]), "Ingress presence"
+    for ing in ingresses:
+        host, protocol = exp["ingress"]
+        assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == protocol
+        (rule,) = ing["spec"]["rules"]
+        (path,) = rule["http"]["paths"]
+        assert rule["host"] == host and path["backend"]["service"] == {"name": "dimple-router", "port": {"name": "grpc"}}, rule
     routes = by_kind(docs, "GRPCRoute")
     assert bool(routes) == exp["grpc_route"], "GRPCRoute presence"
     for rt in routes:
@@ -903,7 +912,7 @@ def check_rendered(docs, exp, allowed):
     check_router(docs, exp, allowed)
     check_etcd(docs, exp)
     check_network_policy(docs, exp)
-    check_monitoring(docs, exp)
+    check_monitoring_and_exposure(docs, exp)
     pdbs = {d["metadata"]["name"] for d in by_kind(docs, "PodDisruptionBudget")}
     assert pdbs == exp["pdbs"], f"PodDisruptionBudgets {sorted(pdbs)}, want {sorted(exp['pdbs'])}"
     check_pod_env_refs(docs)
