@@ -150,7 +150,8 @@ pub struct RankArgs {
     /// is no GPU). Must be one of the model's valid degrees.
     #[arg(long, default_value_t = 1, env = "DIMPLE_TP")]
     pub tp: usize,
-    /// cpu, cuda, or auto (CUDA when the binary is built with it and a GPU opens).
+    /// cpu, cuda, or auto (CUDA when the binary is built with it and a GPU opens). `cuda`
+    /// fails at start when the binary lacks CUDA or the GPUs do not open.
     #[arg(long, default_value = "auto", env = "DIMPLE_DEVICE")]
     pub device: String,
     /// f32, bf16 or f16 (candle's CPU matmul has no bf16 kernel: use f32 or f16 on CPU).
@@ -168,7 +169,10 @@ impl RankArgs {
         };
         let devices = match self.device.as_str() {
             "cpu" => GroupDevices::Cpu,
-            "cuda" => GroupDevices::Cuda { first_ordinal: 0 },
+            "cuda" => {
+                crate::device::require_cuda(self.tp)?;
+                GroupDevices::Cuda { first_ordinal: 0 }
+            }
             "auto" if candle_core::utils::cuda_is_available() && Device::new_cuda(0).is_ok() => {
                 GroupDevices::Cuda { first_ordinal: 0 }
             }

@@ -25,6 +25,11 @@ pub struct RouterArgs {
     /// are read. The built-in demo tokenizer when absent.
     #[arg(long, env = "DIMPLE_MODEL")]
     pub model: Option<PathBuf>,
+    /// Instead of `--model`: fetch tokenizer.json, the chat template and
+    /// preprocessor_config.json from a worker at start-up (waits until one answers), so the
+    /// router needs no access to the weights.
+    #[arg(long, conflicts_with = "model", env = "DIMPLE_ASSETS_FROM_WORKERS")]
+    pub assets_from_workers: bool,
     /// Static worker list (`HOST:PORT,...`), used when no etcd endpoints are given.
     #[arg(long, value_delimiter = ',', env = "DIMPLE_WORKERS")]
     pub workers: Vec<String>,
@@ -55,8 +60,6 @@ pub struct RouterArgs {
 }
 
 pub fn run(args: RouterArgs) -> anyhow::Result<()> {
-    let source = ModelSource(args.model.clone());
-    let prompt = source.prompt_builder()?;
     let discovery = if !args.etcd_endpoints.is_empty() {
         Discovery::Etcd {
             endpoints: args.etcd_endpoints.clone(),
@@ -67,6 +70,18 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
     } else {
         bail!("give `--workers HOST:PORT,...` or `--etcd-endpoints URL,...`");
     };
+    let source = if args.assets_from_workers {
+        let dir = crate::assets::private_dir();
+        serving::block_on(crate::assets::fetch_into(
+            &discovery,
+            args.max_message_bytes,
+            &dir,
+        ))?;
+        ModelSource(Some(dir))
+    } else {
+        ModelSource(args.model.clone())
+    };
+    let prompt = source.prompt_builder()?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsIdentity {
             cert_pem: std::fs::read(cert)

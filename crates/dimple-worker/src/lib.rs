@@ -4,11 +4,13 @@
 //! Layout: `worker` (the [`Worker`] handle: engine, metrics, load), `service` (the gRPC
 //! service: image preprocessing, submission, event streaming, deadlines), `registration`
 //! (etcd lease with keep-alive), `server` ([`serve`]: gRPC + health + reflection on a bound
-//! listener, graceful drain), `metrics`, `error`.
+//! listener, graceful drain), `assets` (the tokenizer and chat template files served to
+//! routers), `metrics`, `error`.
 //!
 //! The worker never sees text or chat templates: requests arrive as token ids, with images
 //! as encoded bytes that it decodes and preprocesses itself.
 
+pub mod assets;
 pub mod error;
 pub mod metrics;
 pub mod registration;

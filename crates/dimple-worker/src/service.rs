@@ -26,11 +26,21 @@ use crate::{Worker, WorkerError};
 /// The gRPC face of a [`Worker`].
 pub struct WorkerService {
     worker: Worker,
+    /// Served by `GetPromptAssets`; `None` answers FAILED_PRECONDITION.
+    prompt_assets: Option<std::sync::Arc<pb::PromptAssets>>,
 }
 
 impl WorkerService {
     pub fn new(worker: Worker) -> Self {
-        Self { worker }
+        Self {
+            worker,
+            prompt_assets: None,
+        }
+    }
+
+    pub fn with_prompt_assets(mut self, assets: Option<std::sync::Arc<pb::PromptAssets>>) -> Self {
+        self.prompt_assets = assets;
+        self
     }
 
     async fn submit(
@@ -117,6 +127,18 @@ impl pb::worker_server::Worker for WorkerService {
 
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
         Ok(Response::new(self.worker.info().clone()))
+    }
+
+    async fn get_prompt_assets(
+        &self,
+        _: Request<pb::PromptAssetsRequest>,
+    ) -> Result<Response<pb::PromptAssets>, Status> {
+        match &self.prompt_assets {
+            Some(a) => Ok(Response::new(a.as_ref().clone())),
+            None => Err(Status::failed_precondition(
+                "this worker was started without prompt assets",
+            )),
+        }
     }
 }
 
