@@ -341,7 +341,7 @@ impl TextModel {
         }
         let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
-            ColumnParallelLinear::from_linear(Linear::from_parts(embed.shard_weight()?, None))
+            ColumnParallelLinear::from_linear(Linear::from_parts(embed.shard_weight()?, None)?)
         } else {
             ColumnParallelLinear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false, vocab)?
         };
@@ -618,11 +618,11 @@ impl TextModel {
             let m = &layer.mlp;
             let mut tensors = vec![
                 layer.input_norm.weight(),
-                a.qkv.linear().weight(),
+                a.qkv.linear().weight_t(),
                 layer.post_norm.weight(),
-                a.o.linear().weight(),
-                m.gate_up.linear().weight(),
-                m.down.linear().weight(),
+                a.o.linear().weight_t(),
+                m.gate_up.linear().weight_t(),
+                m.down.linear().weight_t(),
             ];
             let qkv_bias = a.qkv.linear().bias().map(|b| {
                 tensors.push(b);
@@ -640,11 +640,11 @@ impl TextModel {
             }
             let host = HostTensors::new(&tensors)?;
             rms_norm(&xs, host.slice(0)?, layer.input_norm.eps(), &mut normed);
-            cpu::matmul_t(
+            cpu::matmul(
                 &normed,
                 plain(total, h),
                 host.slice(1)?,
-                plain(qw, h),
+                plain(h, qw),
                 &mut qkv,
                 qw,
                 false,
@@ -674,11 +674,11 @@ impl TextModel {
             }
             cpu::attention(&qkv, lay, &keys, &mut att)?;
             drop(keys);
-            cpu::matmul_t(
+            cpu::matmul(
                 &att,
                 plain(total, ow),
                 host.slice(3)?,
-                plain(h, ow),
+                plain(ow, h),
                 &mut proj,
                 h,
                 false,
@@ -689,22 +689,22 @@ impl TextModel {
                 *x += p;
             }
             rms_norm(&xs, host.slice(2)?, layer.post_norm.eps(), &mut normed);
-            cpu::matmul_t(
+            cpu::matmul(
                 &normed,
                 plain(total, h),
                 host.slice(4)?,
-                plain(2 * inter, h),
+                plain(h, 2 * inter),
                 &mut gu,
                 2 * inter,
                 false,
                 true,
             );
             silu_mul(&gu, inter, &mut act);
-            cpu::matmul_t(
+            cpu::matmul(
                 &act,
                 plain(total, inter),
                 host.slice(5)?,
-                plain(h, inter),
+                plain(inter, h),
                 &mut proj,
                 h,
                 false,
@@ -736,18 +736,18 @@ impl TextModel {
             dst.copy_from_slice(&normed[r * h..(r + 1) * h]);
         }
         let lm = self.lm_head.linear();
-        let mut tensors = vec![lm.weight()];
+        let mut tensors = vec![lm.weight_t()];
         if let Some(b) = lm.bias() {
             tensors.push(b);
         }
         let host = HostTensors::new(&tensors)?;
-        let vocab = lm.weight().dims()[0];
+        let vocab = lm.weight_t().dims()[1];
         let mut logits = vec![0f32; picked.len() * vocab];
-        cpu::matmul_t(
+        cpu::matmul(
             &lm_in,
             plain(picked.len(), h),
             host.slice(0)?,
-            plain(vocab, h),
+            plain(h, vocab),
             &mut logits,
             vocab,
             false,
