@@ -24,11 +24,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 use dimple_model::tp::{Comm, CommError, LocalComm, SingleComm};
 use dimple_model::{
     Checkpoint, DimpleConfig, DimpleModel, KvCache, LogitRows, ModelError, SeqInput,
 };
+use rayon::prelude::*;
 
 use crate::EngineError;
 use crate::engine::EngineImage;

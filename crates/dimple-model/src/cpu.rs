@@ -97,8 +97,21 @@ pub(crate) fn matmul(
 ) {
     let (k, n) = (xm.cols, wm.cols);
     assert_eq!(wm.rows, k, "inner dimensions differ");
-    assert!(wm.rows * wm.stride <= w.len() && wm.cols <= wm.stride, "rhs outside its data");
-    gemm_into(x, xm, w.as_ptr(), (wm.stride as isize, 1), n, out, out_stride, accumulate, par);
+    assert!(
+        wm.rows * wm.stride <= w.len() && wm.cols <= wm.stride,
+        "rhs outside its data"
+    );
+    gemm_into(
+        x,
+        xm,
+        w.as_ptr(),
+        (wm.stride as isize, 1),
+        n,
+        out,
+        out_stride,
+        accumulate,
+        par,
+    );
 }
 
 /// `out[m, n] (+)= x[m, k] * w[n, k]^T` (`w` rows at stride `wm.stride`): a product against
@@ -117,9 +130,22 @@ pub(crate) fn matmul_t(
     let (k, n) = (xm.cols, wm.rows);
     assert_eq!(wm.cols, k, "inner dimensions differ");
     if n > 0 {
-        assert!(wm.stride * (n - 1) + k <= w.len(), "rhs view outside its data");
+        assert!(
+            wm.stride * (n - 1) + k <= w.len(),
+            "rhs view outside its data"
+        );
     }
-    gemm_into(x, xm, w.as_ptr(), (1, wm.stride as isize), n, out, out_stride, accumulate, par);
+    gemm_into(
+        x,
+        xm,
+        w.as_ptr(),
+        (1, wm.stride as isize),
+        n,
+        out,
+        out_stride,
+        accumulate,
+        par,
+    );
 }
 
 /// The shared body of the products: `rhs` addresses element (kk, j) at
@@ -140,8 +166,14 @@ fn gemm_into(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(xm.stride * (m - 1) + k <= x.len(), "lhs view outside its data");
-    assert!(out_stride * (m - 1) + n <= out.len(), "destination outside its data");
+    assert!(
+        xm.stride * (m - 1) + k <= x.len(),
+        "lhs view outside its data"
+    );
+    assert!(
+        out_stride * (m - 1) + n <= out.len(),
+        "destination outside its data"
+    );
     let parallelism = if par {
         parallelism(m * n * k)
     } else {
@@ -190,8 +222,14 @@ fn matmul_nn(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    assert!(pm.stride * (m - 1) + k <= p.len(), "lhs view outside its data");
-    assert!(v_stride * (k - 1) + n <= v.len(), "rhs view outside its data");
+    assert!(
+        pm.stride * (m - 1) + k <= p.len(),
+        "lhs view outside its data"
+    );
+    assert!(
+        v_stride * (k - 1) + n <= v.len(),
+        "rhs view outside its data"
+    );
     // SAFETY: the views stay inside `p` and `v` (asserted); the caller guarantees `out`
     // addresses `m` rows of `n` values `out_stride` apart that nothing else touches.
     unsafe {
@@ -349,7 +387,9 @@ pub(crate) fn attention(
                 return Err(ModelError::Input("prefix cache of the wrong size".into()));
             }
         }
-        if s.key_valid.is_some_and(|kv| kv.len() != s.prefix_len + s.len) {
+        if s.key_valid
+            .is_some_and(|kv| kv.len() != s.prefix_len + s.len)
+        {
             return Err(ModelError::Input("key mask of the wrong size".into()));
         }
     }

@@ -303,11 +303,14 @@ impl TextModel {
             let p = l.pp("mlp");
             let inter = cfg.intermediate_size;
             let q = ColumnParallelLinear::load(&a.pp("q_proj"), h, nh * hd, true, q_rows.clone())?;
-            let k = ColumnParallelLinear::load(&a.pp("k_proj"), h, nkv * hd, true, kv_rows.clone())?;
-            let v = ColumnParallelLinear::load(&a.pp("v_proj"), h, nkv * hd, true, kv_rows.clone())?;
+            let k =
+                ColumnParallelLinear::load(&a.pp("k_proj"), h, nkv * hd, true, kv_rows.clone())?;
+            let v =
+                ColumnParallelLinear::load(&a.pp("v_proj"), h, nkv * hd, true, kv_rows.clone())?;
             let gate =
                 ColumnParallelLinear::load(&p.pp("gate_proj"), h, inter, false, mlp_cols.clone())?;
-            let up = ColumnParallelLinear::load(&p.pp("up_proj"), h, inter, false, mlp_cols.clone())?;
+            let up =
+                ColumnParallelLinear::load(&p.pp("up_proj"), h, inter, false, mlp_cols.clone())?;
             layers.push(Layer {
                 attn: Attention {
                     qkv: ColumnParallelLinear::fuse(&[q, k, v])?,
@@ -790,7 +793,12 @@ impl TextModel {
 
     /// Completes a row-parallel product held in `partial` (`[rows, hidden]`): the sum over
     /// the group's ranks, then the layer's bias.
-    fn reduce_rows(&self, layer: &RowParallelLinear, partial: &mut [f32], rows: usize) -> Result<()> {
+    fn reduce_rows(
+        &self,
+        layer: &RowParallelLinear,
+        partial: &mut [f32],
+        rows: usize,
+    ) -> Result<()> {
         let h = self.cfg.hidden_size;
         if layer.comm().world_size() > 1 {
             let t = Tensor::from_slice(partial, (rows, h), &Device::Cpu)?;
