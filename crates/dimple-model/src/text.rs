@@ -151,7 +151,15 @@ struct Rope {
     inv_freq: Vec<f32>,
     /// For each of the head_dim/2 frequencies, which position component (t, h, w) drives it.
     component: Vec<usize>,
+    /// cos and sin of `p * inv_freq[j]` for every position component value `p` below
+    /// [`ROPE_TABLE_POSITIONS`], `head_dim/2` values per `p`: a step looks its rows up
+    /// instead of evaluating them again (the same f32 expressions, so the same values).
+    cos_by_pos: Vec<f32>,
+    sin_by_pos: Vec<f32>,
 }
+
+/// Position values whose rotary rows are tabulated at load (beyond: computed per step).
+const ROPE_TABLE_POSITIONS: usize = 8192;
 
 impl Rope {
     fn new(cfg: &DimpleConfig) -> Self {
@@ -164,9 +172,22 @@ impl Rope {
         for (c, &n) in cfg.mrope_section().iter().enumerate() {
             component.extend(std::iter::repeat_n(c, n));
         }
+        let tabulated = cfg.max_position_embeddings.clamp(1, ROPE_TABLE_POSITIONS);
+        let half = inv_freq.len();
+        let mut cos_by_pos = Vec::with_capacity(tabulated * half);
+        let mut sin_by_pos = Vec::with_capacity(tabulated * half);
+        for p in 0..tabulated {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos_by_pos.push(angle.cos());
+                sin_by_pos.push(angle.sin());
+            }
+        }
         Self {
             inv_freq,
             component,
+            cos_by_pos,
+            sin_by_pos,
         }
     }
 
@@ -175,11 +196,19 @@ impl Rope {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
+        let tabulated = (self.cos_by_pos.len() / half.max(1)) as i64;
         for p in positions {
             for j in 0..half {
-                let angle = p[self.component[j]] as f32 * self.inv_freq[j];
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                let v = p[self.component[j]];
+                if (0..tabulated).contains(&v) {
+                    let at = v as usize * half + j;
+                    cos.push(self.cos_by_pos[at]);
+                    sin.push(self.sin_by_pos[at]);
+                } else {
+                    let angle = v as f32 * self.inv_freq[j];
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
             }
         }
         (cos, sin)
