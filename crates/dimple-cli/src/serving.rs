@@ -14,8 +14,11 @@ use dimple_engine::EngineConfig;
 use dimple_model::Checkpoint;
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::telemetry::{Render, serve_metrics};
-use dimple_router::validate::ImageLimits;
-use dimple_worker::{Worker, WorkerConfig};
+use dimple_router::frontend::{Frontend, FrontendConfig};
+use dimple_router::metrics::RouterMetrics;
+use dimple_router::prompt::PromptBuilder;
+use dimple_router::validate::{ImageLimits, Validator};
+use dimple_worker::{LocalBackend, Worker, WorkerConfig};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -69,6 +72,23 @@ pub fn start_worker(
     engine: &EngineArgs,
     registry: &Registry,
 ) -> anyhow::Result<Worker> {
+    start_worker_with(
+        source,
+        ranks,
+        engine.config(),
+        source.preprocess_config()?,
+        registry,
+    )
+}
+
+/// [`start_worker`] with explicit engine and preprocessing settings.
+pub fn start_worker_with(
+    source: &ModelSource,
+    ranks: &RankArgs,
+    engine: EngineConfig,
+    preprocess: PreprocessConfig,
+    registry: &Registry,
+) -> anyhow::Result<Worker> {
     let checkpoint = match &source.0 {
         Some(dir) => Checkpoint::Dir(dir.clone()),
         None => Checkpoint::Builtin,
@@ -76,10 +96,10 @@ pub fn start_worker(
     let cfg = WorkerConfig {
         model_name: source.name(),
         default_max_new_tokens: crate::generate::default_response_len(source),
-        preprocess: source.preprocess_config()?,
+        preprocess,
         tp: ranks.tp,
     };
-    Worker::start_group(&checkpoint, ranks.group()?, engine.config(), cfg, registry).with_context(
+    Worker::start_group(&checkpoint, ranks.group()?, engine, cfg, registry).with_context(
         || {
             format!(
                 "starting the engine for {} on {} rank(s)",
@@ -88,6 +108,29 @@ pub fn start_worker(
             )
         },
     )
+}
+
+/// The request front-end over an in-process worker, for commands that decode here
+/// (`generate`, `sweep`, `bench` without `--router`). `text_jobs` bounds concurrent
+/// tokenising; requests get no server-side deadline.
+pub fn local_frontend(
+    worker: Worker,
+    prompt: PromptBuilder,
+    images: ImageLimits,
+    text_jobs: usize,
+) -> anyhow::Result<Arc<Frontend>> {
+    let metrics = RouterMetrics::new(&Registry::new()).context("front-end metrics")?;
+    let cfg = FrontendConfig {
+        request_timeout: std::time::Duration::from_secs(365 * 24 * 3600),
+        text_jobs,
+        ..FrontendConfig::default()
+    };
+    Ok(Arc::new(Frontend::new(
+        Arc::new(LocalBackend::new(worker)),
+        Validator::new(Arc::new(prompt), images),
+        Arc::new(metrics),
+        cfg,
+    )))
 }
 
 /// The router's image limits from a preprocessor config (the same rule the worker applies).

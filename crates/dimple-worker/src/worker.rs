@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use dimple_engine::{EngineConfig, EngineHandle, GroupConfig};
-use dimple_model::preprocess::PreprocessConfig;
+use std::time::Instant;
+
+use dimple_engine::{EngineConfig, EngineHandle, EngineImage, GroupConfig};
+use dimple_model::preprocess::{PreprocessConfig, preprocess_image};
 use dimple_model::{Checkpoint, DimpleModel};
 use dimple_proto::convert::sat_u32;
 use dimple_proto::discovery::{Capacity, WorkerRecord};
@@ -98,6 +100,35 @@ impl Worker {
                 draining: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Decodes and preprocesses encoded images on the blocking pool (never on a tokio
+    /// worker).
+    pub async fn preprocess(&self, images: Vec<Vec<u8>>) -> Result<Vec<EngineImage>, WorkerError> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shared = self.shared.clone();
+        let job = move || {
+            let mut out = Vec::with_capacity(images.len());
+            for (index, bytes) in images.iter().enumerate() {
+                let started = Instant::now();
+                let im = preprocess_image(bytes, &shared.preprocess).map_err(|e| {
+                    WorkerError::Image {
+                        index,
+                        message: e.to_string(),
+                    }
+                })?;
+                shared
+                    .metrics
+                    .observe_preprocess(started.elapsed().as_secs_f64());
+                out.push(EngineImage::from(im));
+            }
+            Ok(out)
+        };
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| WorkerError::Internal(format!("image preprocessing: {e}")))?
     }
 
     pub fn engine(&self) -> &EngineHandle {
