@@ -628,6 +628,113 @@ pub fn render_canvas(prompt: &PromptBuilder, row: &[u32], mask: u32, placeholder
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dimple_core::params::{DecodeLimits, DecodeParams};
+    use dimple_proto::convert::{ParamsInput, PriorInput, StreamSettings};
+
+    /// A backend that only describes a model; these tests never decode.
+    struct ModelOnly;
+
+    #[tonic::async_trait]
+    impl Backend for ModelOnly {
+        async fn model(&self) -> Result<ModelView, RouterError> {
+            Ok(ModelView {
+                model: "demo".into(),
+                vocab_size: 441,
+                mask_token_id: 440,
+                eos_token_id: 434,
+                image_token_id: 438,
+                max_position_embeddings: 1024,
+                default_max_new_tokens: 16,
+                limits: DecodeLimits {
+                    max_new_tokens: 64,
+                    max_steps: 64,
+                },
+                max_prompt_tokens: 200,
+            })
+        }
+        async fn generate(
+            &self,
+            _: &ValidRequest,
+            _: Instant,
+            _: crate::backend::StepSink,
+        ) -> Result<BackendFinished, RouterError> {
+            Err(RouterError::Internal("not a decoding backend".into()))
+        }
+        fn ready(&self) -> bool {
+            true
+        }
+        fn replicas(&self) -> usize {
+            1
+        }
+    }
+
+    fn frontend(text_jobs: usize) -> Frontend {
+        let metrics = RouterMetrics::new(&prometheus::Registry::new()).unwrap();
+        Frontend::new(
+            Arc::new(ModelOnly),
+            Validator::new(
+                Arc::new(PromptBuilder::builtin().unwrap()),
+                crate::validate::ImageLimits::default(),
+            ),
+            Arc::new(metrics),
+            FrontendConfig {
+                text_jobs,
+                ..FrontendConfig::default()
+            },
+        )
+    }
+
+    fn text(t: &str) -> GenerateInput {
+        GenerateInput {
+            request_id: String::new(),
+            prompt: PromptInput::Text(t.into()),
+            params: ParamsInput {
+                max_new_tokens: None,
+                steps: None,
+                rest: DecodeParams::default(),
+            },
+            prior: PriorInput::None,
+            stream: StreamSettings {
+                include_canvas: false,
+                mask_placeholder: "_".into(),
+            },
+            stop: Vec::new(),
+            allow_special_tokens: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn saturated_text_pool_answers_resource_exhausted_at_once() {
+        let f = frontend(1);
+        assert!(f.prepare(text("hello")).await.is_ok());
+        // Every text worker busy: a new request is refused, not queued behind them.
+        let held = f.text_jobs.clone().try_acquire_owned().unwrap();
+        let t = std::time::Instant::now();
+        let e = f.prepare(text("hello")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        let e = f
+            .tokenize(TokenizeInput::Text("hello".into()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        assert!(t.elapsed() < Duration::from_millis(500));
+        // Over-long text is refused from its length even then (no job needed).
+        let e = f.prepare(text(&"x".repeat(10 << 20))).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        drop(held);
+        assert!(f.prepare(text("hello")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn text_work_runs_off_the_async_threads() {
+        let f = frontend(4);
+        let runtime_thread = std::thread::current().id();
+        let job_thread = f
+            .text_job(false, || Ok(std::thread::current().id()))
+            .await
+            .unwrap();
+        assert_ne!(job_thread, runtime_thread);
+    }
 
     #[test]
     fn canvas_answer_and_stop_strings() {
