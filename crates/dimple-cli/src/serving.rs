@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use dimple_core::image_size::ImageSizeParams;
 use dimple_core::params::DecodeLimits;
 use dimple_engine::EngineConfig;
 use dimple_model::Checkpoint;
@@ -133,19 +132,7 @@ pub fn local_frontend(
     )))
 }
 
-/// The router's image limits from a preprocessor config (the same rule the worker applies).
-pub fn image_limits(pre: &PreprocessConfig) -> ImageLimits {
-    ImageLimits {
-        size: ImageSizeParams {
-            patch_size: pre.patch_size,
-            merge_size: pre.merge_size,
-            temporal_patch_size: pre.temporal_patch_size,
-            min_pixels: pre.min_pixels,
-            max_pixels: pre.max_pixels,
-        },
-        max_pixels: pre.max_decoded_pixels,
-    }
-}
+pub use dimple_worker::image_limits;
 
 /// A shutdown signal shared by several servers: set once on SIGTERM or Ctrl-C.
 #[derive(Clone)]

@@ -14,14 +14,12 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use candle_core::{DType, Device};
-use dimple_core::image_size::ImageSizeParams;
 use dimple_engine::EngineConfig;
 use dimple_model::DimpleModel;
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::v1;
 use dimple_proto::v1::dimple_client::DimpleClient;
 use dimple_router::prompt::PromptBuilder;
-use dimple_router::validate::ImageLimits;
 use dimple_router::{ApiKeys, Router, RouterConfig};
 use dimple_worker::{LocalBackend, Worker, WorkerConfig};
 use prometheus::Registry;
@@ -63,16 +61,7 @@ struct Server {
 async fn start() -> Server {
     let model = DimpleModel::builtin(DType::F32, &Device::Cpu).unwrap();
     let pre = PreprocessConfig::from_json(dimple_core::builtin::PREPROCESSOR_CONFIG_JSON).unwrap();
-    let images = ImageLimits {
-        size: ImageSizeParams {
-            patch_size: pre.patch_size,
-            merge_size: pre.merge_size,
-            temporal_patch_size: pre.temporal_patch_size,
-            min_pixels: pre.min_pixels,
-            max_pixels: pre.max_pixels,
-        },
-        max_pixels: pre.max_decoded_pixels,
-    };
+    let images = dimple_worker::image_limits(&pre);
     let registry = Registry::new();
     let worker = Worker::start(
         model,

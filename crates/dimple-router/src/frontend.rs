@@ -628,7 +628,7 @@ pub fn render_canvas(prompt: &PromptBuilder, row: &[u32], mask: u32, placeholder
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dimple_core::params::{DecodeLimits, DecodeParams};
+    use dimple_core::params::DecodeParams;
     use dimple_proto::convert::{ParamsInput, PriorInput, StreamSettings};
 
     /// A backend that only describes a model; these tests never decode.
@@ -637,20 +637,7 @@ mod tests {
     #[tonic::async_trait]
     impl Backend for ModelOnly {
         async fn model(&self) -> Result<ModelView, RouterError> {
-            Ok(ModelView {
-                model: "demo".into(),
-                vocab_size: 441,
-                mask_token_id: 440,
-                eos_token_id: 434,
-                image_token_id: 438,
-                max_position_embeddings: 1024,
-                default_max_new_tokens: 16,
-                limits: DecodeLimits {
-                    max_new_tokens: 64,
-                    max_steps: 64,
-                },
-                max_prompt_tokens: 200,
-            })
+            Ok(ModelView::demo_for_tests())
         }
         async fn generate(
             &self,

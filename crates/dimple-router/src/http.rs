@@ -41,7 +41,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::RouterError;
 use crate::auth::ApiKeys;
 use crate::error::{code_name, http_status};
-use crate::frontend::{Answer, AnswerEnd, FrontEvent, Frontend, TokenizeInput};
+use crate::frontend::{Answer, AnswerEnd, CallRecord, FrontEvent, Frontend, TokenizeInput};
 
 /// The HTTP API's shared state. Cheap to clone.
 #[derive(Clone)]
@@ -425,7 +425,7 @@ async fn chat_completions(
 fn sse(
     mut events: mpsc::Receiver<Result<FrontEvent, RouterError>>,
     model: String,
-    mut record: crate::frontend::CallRecord,
+    mut record: CallRecord,
 ) -> Sse<ReceiverStream<Result<Event, Infallible>>> {
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(32);
     tokio::spawn(async move {
@@ -536,6 +536,11 @@ async fn tokenize(State(api): State<HttpApi>, headers: HeaderMap, body: Bytes) -
         }))
     }
     .await;
+    json_reply(&mut record, result)
+}
+
+/// A JSON answer (or error), with its outcome recorded.
+fn json_reply(record: &mut CallRecord, result: Result<Value, ApiError>) -> Response {
     match result {
         Ok(v) => {
             record.ok();
@@ -549,8 +554,9 @@ async fn tokenize(State(api): State<HttpApi>, headers: HeaderMap, body: Bytes) -
 }
 
 fn chat_messages(messages: Vec<MessageIn>) -> Result<Vec<InputMessage>, ApiError> {
+    // Named as in generation requests, so errors read the same on every route.
     let chat = messages_in(messages)?;
-    chat_input(chat, "messages").map_err(|e| ApiError(RouterError::from(e)))
+    chat_input(chat, "chat").map_err(|e| ApiError(RouterError::from(e)))
 }
 
 async fn models(State(api): State<HttpApi>, headers: HeaderMap) -> Response {
@@ -570,16 +576,7 @@ async fn models(State(api): State<HttpApi>, headers: HeaderMap) -> Response {
         }))
     }
     .await;
-    match result {
-        Ok(v) => {
-            record.ok();
-            axum::Json(v).into_response()
-        }
-        Err(e) => {
-            record.fail(&e.0);
-            e.into_response()
-        }
-    }
+    json_reply(&mut record, result)
 }
 
 async fn health() -> &'static str {

@@ -76,6 +76,27 @@ impl ModelView {
     }
 }
 
+#[cfg(test)]
+impl ModelView {
+    /// The demo model's ids with small limits, for unit tests.
+    pub(crate) fn demo_for_tests() -> Self {
+        Self {
+            model: "demo".into(),
+            vocab_size: 441,
+            mask_token_id: 440,
+            eos_token_id: 434,
+            image_token_id: 438,
+            max_position_embeddings: 1024,
+            default_max_new_tokens: 16,
+            limits: DecodeLimits {
+                max_new_tokens: 64,
+                max_steps: 64,
+            },
+            max_prompt_tokens: 200,
+        }
+    }
+}
+
 /// A request ready for a worker.
 #[derive(Debug, Clone)]
 pub struct ValidRequest {
@@ -406,20 +427,7 @@ mod tests {
     }
 
     fn view() -> ModelView {
-        ModelView {
-            model: "demo".into(),
-            vocab_size: 441,
-            mask_token_id: 440,
-            eos_token_id: 434,
-            image_token_id: 438,
-            max_position_embeddings: 1024,
-            default_max_new_tokens: 16,
-            limits: DecodeLimits {
-                max_new_tokens: 64,
-                max_steps: 64,
-            },
-            max_prompt_tokens: 200,
-        }
+        ModelView::demo_for_tests()
     }
 
     fn input(prompt: PromptInput) -> GenerateInput {

@@ -20,7 +20,7 @@ pub mod service;
 pub mod worker;
 
 pub use error::WorkerError;
-pub use local::LocalBackend;
+pub use local::{LocalBackend, image_limits};
 pub use registration::{EtcdConfig, Registration};
 pub use server::{ServeOptions, serve};
 pub use worker::{Worker, WorkerConfig};

@@ -7,14 +7,16 @@
 //! are the statuses that service would answer, so a request fails the same way whether it
 //! crossed the network or not.
 
+use dimple_core::image_size::ImageSizeParams;
 use dimple_engine::{EngineEvent, GenerateRequest};
+use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::convert::sat_u32;
 use dimple_proto::telemetry::outcome;
 use dimple_router::RouterError;
 use dimple_router::backend::{
     Backend, BackendFinished, BackendStep, BackendTimings, StepSink,
 };
-use dimple_router::validate::{ModelView, ValidRequest};
+use dimple_router::validate::{ImageLimits, ModelView, ValidRequest};
 use tokio::time::Instant;
 
 use crate::service::{Outstanding, finish_outcome};
@@ -98,6 +100,21 @@ impl LocalBackend {
                 }
             }
         }
+    }
+}
+
+/// The front-end's image limits from a preprocessor config: the same size rule and pixel
+/// bound the worker applies, so header probing and preprocessing agree.
+pub fn image_limits(pre: &PreprocessConfig) -> ImageLimits {
+    ImageLimits {
+        size: ImageSizeParams {
+            patch_size: pre.patch_size,
+            merge_size: pre.merge_size,
+            temporal_patch_size: pre.temporal_patch_size,
+            min_pixels: pre.min_pixels,
+            max_pixels: pre.max_pixels,
+        },
+        max_pixels: pre.max_decoded_pixels,
     }
 }
 
