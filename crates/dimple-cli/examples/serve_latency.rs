@@ -8,15 +8,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
 use dimple_engine::EngineConfig;
-use dimple_model::DimpleModel;
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::v1;
 use dimple_proto::v1::dimple_client::DimpleClient;
 use dimple_router::prompt::PromptBuilder;
 use dimple_router::{Discovery, Router, RouterConfig};
-use dimple_worker::{LocalBackend, ServeOptions, Worker, WorkerConfig};
+use dimple_worker::{LocalBackend, ServeOptions, Worker};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 
@@ -43,7 +41,9 @@ async fn grpc_router(router: Router) -> DimpleClient<tonic::transport::Channel> 
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     tokio::spawn(dimple_router::serve(l, router, std::future::pending()));
-    DimpleClient::connect(format!("http://{addr}")).await.unwrap()
+    DimpleClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
 }
 
 fn summary(name: &str, mut v: Vec<Duration>) {
@@ -66,21 +66,9 @@ async fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(100);
     let registry = Registry::new();
-    let model = DimpleModel::builtin(DType::F32, &Device::Cpu).unwrap();
     let pre = PreprocessConfig::from_json(dimple_core::builtin::PREPROCESSOR_CONFIG_JSON).unwrap();
     let images = dimple_worker::image_limits(&pre);
-    let worker = Worker::start(
-        model,
-        EngineConfig::default(),
-        WorkerConfig {
-            model_name: dimple_core::builtin::NAME.into(),
-            default_max_new_tokens: 16,
-            preprocess: pre,
-            tp: 1,
-        },
-        &registry,
-    )
-    .unwrap();
+    let worker = Worker::builtin(EngineConfig::default(), &registry).unwrap();
 
     let wl = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let worker_addr = wl.local_addr().unwrap();
@@ -121,7 +109,11 @@ async fn main() {
         for i in 0..rounds + 5 {
             for (client, out) in [(&mut local, &mut a), (&mut hop, &mut b)] {
                 let t = Instant::now();
-                let r = client.generate(request(threshold)).await.unwrap().into_inner();
+                let r = client
+                    .generate(request(threshold))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 assert_eq!(r.text, "7");
                 // The first rounds warm connections and caches.
                 if i >= 5 {

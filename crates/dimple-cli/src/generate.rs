@@ -195,8 +195,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     )?;
     let result = serving::block_on(async {
         let frontend = serving::local_frontend(worker.clone(), prompt, images, 4)?;
-        let input = GenerateInput::try_from(request)
-            .map_err(|e| front_error(RouterError::from(e)))?;
+        let input =
+            GenerateInput::try_from(request).map_err(|e| front_error(RouterError::from(e)))?;
         let prepared = frontend.prepare(input).await.map_err(front_error)?;
         let deadline = frontend.deadline(None);
         let events = Events::Local(frontend.stream(prepared, deadline));
@@ -212,8 +212,5 @@ pub(crate) fn default_response_len(source: &ModelSource) -> usize {
         Some(dir) => std::fs::read_to_string(dir.join("generation_config.json")).ok(),
         None => Some(dimple_core::builtin::GENERATION_CONFIG_JSON.to_string()),
     };
-    text.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("max_new_tokens").and_then(|m| m.as_u64()))
-        .map_or(64, |m| m as usize)
+    dimple_worker::default_max_new_tokens(text.as_deref())
 }
-

@@ -176,7 +176,11 @@ pub fn run(args: &GenerateArgs, url: &str) -> anyhow::Result<()> {
 
 /// Prints a generation from its stream: the live canvas on a terminal, then the answer (or
 /// the JSON history).
-pub async fn print(args: &GenerateArgs, mut events: Events, via: Option<&str>) -> anyhow::Result<()> {
+pub async fn print(
+    args: &GenerateArgs,
+    mut events: Events,
+    via: Option<&str>,
+) -> anyhow::Result<()> {
     let live = !args.json && std::io::stderr().is_terminal();
     let mut row: Vec<u32> = Vec::new();
     let mut history = Vec::new();
@@ -237,5 +241,9 @@ pub async fn print(args: &GenerateArgs, mut events: Events, via: Option<&str>) -
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("the router answered {}: {}", code_name(s.code()), s.message())
+    anyhow::anyhow!(
+        "the router answered {}: {}",
+        code_name(s.code()),
+        s.message()
+    )
 }

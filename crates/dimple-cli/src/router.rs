@@ -125,7 +125,10 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         let http = match args.http_listen {
             Some(addr) => {
                 let l = serving::bind(addr, "--http-listen").await?;
-                eprintln!("dimple router: OpenAI-compatible HTTP on http://{}", l.local_addr()?);
+                eprintln!(
+                    "dimple router: OpenAI-compatible HTTP on http://{}",
+                    l.local_addr()?
+                );
                 Some(tokio::spawn(dimple_router::serve_http(
                     l,
                     router.http_api(),

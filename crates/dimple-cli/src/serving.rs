@@ -98,15 +98,13 @@ pub fn start_worker_with(
         preprocess,
         tp: ranks.tp,
     };
-    Worker::start_group(&checkpoint, ranks.group()?, engine, cfg, registry).with_context(
-        || {
-            format!(
-                "starting the engine for {} on {} rank(s)",
-                source.name(),
-                ranks.tp
-            )
-        },
-    )
+    Worker::start_group(&checkpoint, ranks.group()?, engine, cfg, registry).with_context(|| {
+        format!(
+            "starting the engine for {} on {} rank(s)",
+            source.name(),
+            ranks.tp
+        )
+    })
 }
 
 /// The request front-end over an in-process worker, for commands that decode here

@@ -10,14 +10,14 @@ use anyhow::{Context, bail};
 use clap::Args;
 use dimple_engine::EngineConfig;
 use dimple_proto::convert::GenerateInput;
+use dimple_router::RouterError;
 use dimple_router::error::code_name;
 use dimple_router::frontend::{FrontEvent, Frontend};
-use dimple_router::RouterError;
-use prometheus::Registry;
 use dimple_sweep::dataset::SyntheticSpec;
 use dimple_sweep::report::OutputDir;
 use dimple_sweep::target::TargetFuture;
 use dimple_sweep::{Grid, Item, Response, RunOptions, Summary, SweepRequest, Target, TargetError};
+use prometheus::Registry;
 
 use crate::generate::RankArgs;
 use crate::model_source::ModelSource;
@@ -157,9 +157,7 @@ impl Target for LocalTarget {
             let input = GenerateInput::try_from(RouterTarget::request(&req))
                 .map_err(|e| target_error(e.into()))?;
             let prepared = self.frontend.prepare(input).await.map_err(target_error)?;
-            let mut events = self
-                .frontend
-                .stream(prepared, self.frontend.deadline(None));
+            let mut events = self.frontend.stream(prepared, self.frontend.deadline(None));
             let mut first = None;
             loop {
                 match events.recv().await {

@@ -13,15 +13,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use candle_core::{DType, Device};
 use dimple_engine::EngineConfig;
-use dimple_model::DimpleModel;
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::v1;
 use dimple_proto::v1::dimple_client::DimpleClient;
 use dimple_router::prompt::PromptBuilder;
 use dimple_router::{ApiKeys, Router, RouterConfig};
-use dimple_worker::{LocalBackend, Worker, WorkerConfig};
+use dimple_worker::{LocalBackend, Worker};
 use prometheus::Registry;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,22 +57,10 @@ struct Server {
 
 /// What `dimple serve` assembles, on ephemeral ports.
 async fn start() -> Server {
-    let model = DimpleModel::builtin(DType::F32, &Device::Cpu).unwrap();
     let pre = PreprocessConfig::from_json(dimple_core::builtin::PREPROCESSOR_CONFIG_JSON).unwrap();
     let images = dimple_worker::image_limits(&pre);
     let registry = Registry::new();
-    let worker = Worker::start(
-        model,
-        EngineConfig::default(),
-        WorkerConfig {
-            model_name: dimple_core::builtin::NAME.into(),
-            default_max_new_tokens: 16,
-            preprocess: pre,
-            tp: 1,
-        },
-        &registry,
-    )
-    .unwrap();
+    let worker = Worker::builtin(EngineConfig::default(), &registry).unwrap();
     let cfg = RouterConfig {
         images,
         api_keys: ApiKeys::new(vec![KEY.into()]),
@@ -119,7 +105,10 @@ async fn http(addr: SocketAddr, method: &str, path: &str, auth: bool, body: &str
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8(buf).unwrap();
     let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap();
     (status, body)
 }
 
@@ -137,7 +126,9 @@ fn case(question: &str, image: Option<&[u8]>) -> (v1::GenerateRequest, Value) {
     let mut json_parts = Vec::new();
     if let Some(png) = image {
         grpc_parts.push(v1::ContentPart {
-            part: Some(v1::content_part::Part::Image(v1::Image { data: png.to_vec() })),
+            part: Some(v1::content_part::Part::Image(v1::Image {
+                data: png.to_vec(),
+            })),
         });
         let uri = format!(
             "data:image/png;base64,{}",
@@ -216,11 +207,21 @@ async fn the_openai_package_gets_the_grpc_answers() {
         None,
         Some(json!({"threshold": 0.9, "use_cache": true})),
     );
-    add("one-slot", case("How many shapes are there?", Some(&png)), 1, None, None);
+    add(
+        "one-slot",
+        case("How many shapes are there?", Some(&png)),
+        1,
+        None,
+        None,
+    );
 
     let mut spec = Vec::new();
     for (req, mut c) in cases {
-        let got = client.generate(authed(req.clone())).await.unwrap().into_inner();
+        let got = client
+            .generate(authed(req.clone()))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(!got.text.is_empty(), "{}: empty gRPC answer", c["name"]);
         c["expect"] = json!({
             "text": got.text,
@@ -237,10 +238,17 @@ async fn the_openai_package_gets_the_grpc_answers() {
             let cut: String = text.chars().skip(1).take(2).collect();
             let mut stopped = req.clone();
             stopped.params.as_mut().unwrap().stop = vec![cut.clone()];
-            let s = client.generate(authed(stopped.clone())).await.unwrap().into_inner();
+            let s = client
+                .generate(authed(stopped.clone()))
+                .await
+                .unwrap()
+                .into_inner();
             assert_eq!(s.answer_end, v1::AnswerEnd::StopSequence as i32);
             assert_eq!(s.text, text[..text.find(&cut).unwrap()].trim_end());
-            assert_eq!(s.token_ids, got.token_ids, "stop strings do not change decoding");
+            assert_eq!(
+                s.token_ids, got.token_ids,
+                "stop strings do not change decoding"
+            );
             let mut c = spec[0].clone();
             c["name"] = json!("image-stop");
             c["stop"] = json!(cut);

@@ -251,11 +251,8 @@ impl Frontend {
 
     /// Decodes a prepared request and returns the answer.
     pub async fn generate(&self, p: &Prepared, deadline: Instant) -> Result<Answer, RouterError> {
-        let finished = with_deadline(
-            deadline,
-            self.backend.generate(&p.valid, deadline, None),
-        )
-        .await?;
+        let finished =
+            with_deadline(deadline, self.backend.generate(&p.valid, deadline, None)).await?;
         self.answer(p, finished).await
     }
 
@@ -326,7 +323,9 @@ impl Frontend {
         }
         match finished {
             Some(r) => self.answer(p, r?).await,
-            None => Err(RouterError::Internal("the backend ended without an answer".into())),
+            None => Err(RouterError::Internal(
+                "the backend ended without an answer".into(),
+            )),
         }
     }
 
@@ -356,7 +355,8 @@ impl Frontend {
                 })
                 .collect();
             let first_mask = row.iter().position(|&t| t == mask).unwrap_or(row.len());
-            let (prefix_text, _) = cut_at_stop(answer_text(&prompt, &row[..first_mask], eos), &stop);
+            let (prefix_text, _) =
+                cut_at_stop(answer_text(&prompt, &row[..first_mask], eos), &stop);
             Ok(StepView {
                 step: step.step,
                 committed,
@@ -628,8 +628,6 @@ pub fn render_canvas(prompt: &PromptBuilder, row: &[u32], mask: u32, placeholder
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dimple_core::params::DecodeParams;
-    use dimple_proto::convert::{ParamsInput, PriorInput, StreamSettings};
 
     /// A backend that only describes a model; these tests never decode.
     struct ModelOnly;
@@ -672,22 +670,7 @@ mod tests {
     }
 
     fn text(t: &str) -> GenerateInput {
-        GenerateInput {
-            request_id: String::new(),
-            prompt: PromptInput::Text(t.into()),
-            params: ParamsInput {
-                max_new_tokens: None,
-                steps: None,
-                rest: DecodeParams::default(),
-            },
-            prior: PriorInput::None,
-            stream: StreamSettings {
-                include_canvas: false,
-                mask_placeholder: "_".into(),
-            },
-            stop: Vec::new(),
-            allow_special_tokens: false,
-        }
+        crate::validate::test_input(PromptInput::Text(t.into()))
     }
 
     #[tokio::test]

@@ -148,7 +148,9 @@ fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if path.is_empty() || path == "." {
-            invalid(format!("the request body is not valid JSON for this route: {inner}"))
+            invalid(format!(
+                "the request body is not valid JSON for this route: {inner}"
+            ))
         } else {
             invalid(format!("`{path}`: {inner}"))
         }
@@ -241,7 +243,9 @@ fn image_bytes(url: &str, field: &str) -> Result<Vec<u8>, ApiError> {
         )));
     };
     let Some((meta, data)) = rest.split_once(',') else {
-        return Err(invalid(format!("`{field}`: a `data:` URI needs a `,` before the data")));
+        return Err(invalid(format!(
+            "`{field}`: a `data:` URI needs a `,` before the data"
+        )));
     };
     if !meta.ends_with(";base64") {
         return Err(invalid(format!(
@@ -372,11 +376,7 @@ fn dimple_details(a: &Answer) -> Value {
     })
 }
 
-async fn chat_completions(
-    State(api): State<HttpApi>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+async fn chat_completions(State(api): State<HttpApi>, headers: HeaderMap, body: Bytes) -> Response {
     let mut record = api.frontend.record("http_chat_completions", true);
     let result = async {
         api.authorize(&headers)?;
@@ -455,7 +455,12 @@ fn sse(
             let event = match item {
                 Ok(FrontEvent::Started(s)) => {
                     id = s.request_id;
-                    chunk(&id, json!({"role": "assistant", "content": ""}), Value::Null, None)
+                    chunk(
+                        &id,
+                        json!({"role": "assistant", "content": ""}),
+                        Value::Null,
+                        None,
+                    )
                 }
                 Ok(FrontEvent::Step(s)) => {
                     // A trailing partial character decodes as U+FFFD until its last byte
@@ -469,14 +474,23 @@ fn sse(
                         sent.push_str(&delta);
                     }
                     let info = json!({"step": s.step, "masks_left": s.masks_left});
-                    chunk(&id, json!({"content": delta}), Value::Null, Some(("dimple", info)))
+                    chunk(
+                        &id,
+                        json!({"content": delta}),
+                        Value::Null,
+                        Some(("dimple", info)),
+                    )
                 }
                 Ok(FrontEvent::Final(a)) => {
                     record.ok();
                     let rest = a.text.strip_prefix(sent.as_str()).unwrap_or("").to_owned();
                     let last = chunk(
                         &id,
-                        if rest.is_empty() { json!({}) } else { json!({"content": rest}) },
+                        if rest.is_empty() {
+                            json!({})
+                        } else {
+                            json!({"content": rest})
+                        },
                         json!(finish_reason(&a)),
                         Some(("usage", usage(&a))),
                     );
@@ -604,11 +618,14 @@ mod tests {
                 .unwrap(),
             b"\x89PNG"
         );
-        let e = image_bytes("https://example.com/cat.png", "messages[0].content[1].image_url.url")
-            .err()
-            .unwrap()
-            .0
-            .to_string();
+        let e = image_bytes(
+            "https://example.com/cat.png",
+            "messages[0].content[1].image_url.url",
+        )
+        .err()
+        .unwrap()
+        .0
+        .to_string();
         assert!(e.contains("does not fetch remote URLs"), "{e}");
         assert!(image_bytes("data:image/png,abc", "f").is_err());
     }
@@ -618,7 +635,9 @@ mod tests {
         let body = br#"{"model":"m","messages":[{"role":"user","content":[
             {"type":"text","text":"hi"}]}],"max_tokens":8,"temperature":0.5,"seed":3,
             "stop":"x","dimple":{"threshold":0.9,"use_cache":true,"prior":[[0,5]]}}"#;
-        let r = generate_request(parse::<ChatRequest>(body).ok().unwrap()).ok().unwrap();
+        let r = generate_request(parse::<ChatRequest>(body).ok().unwrap())
+            .ok()
+            .unwrap();
         let p = r.params.unwrap();
         assert_eq!(p.max_new_tokens, Some(8));
         assert_eq!(p.threshold, Some(0.9));

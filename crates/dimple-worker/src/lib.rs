@@ -23,4 +23,4 @@ pub use error::WorkerError;
 pub use local::{LocalBackend, image_limits};
 pub use registration::{EtcdConfig, Registration};
 pub use server::{ServeOptions, serve};
-pub use worker::{Worker, WorkerConfig};
+pub use worker::{Worker, WorkerConfig, default_max_new_tokens};

@@ -13,9 +13,7 @@ use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::convert::sat_u32;
 use dimple_proto::telemetry::outcome;
 use dimple_router::RouterError;
-use dimple_router::backend::{
-    Backend, BackendFinished, BackendStep, BackendTimings, StepSink,
-};
+use dimple_router::backend::{Backend, BackendFinished, BackendStep, BackendTimings, StepSink};
 use dimple_router::validate::{ImageLimits, ModelView, ValidRequest};
 use tokio::time::Instant;
 

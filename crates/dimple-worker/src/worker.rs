@@ -29,6 +29,14 @@ pub struct WorkerConfig {
     pub tp: usize,
 }
 
+/// `max_new_tokens` of a `generation_config.json` text, else 64.
+pub fn default_max_new_tokens(generation_config: Option<&str>) -> usize {
+    generation_config
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .and_then(|v| v.get("max_new_tokens").and_then(|m| m.as_u64()))
+        .map_or(64, |m| m as usize)
+}
+
 pub(crate) struct Shared {
     pub engine: EngineHandle,
     pub metrics: Arc<WorkerMetrics>,
@@ -56,6 +64,29 @@ impl Worker {
         let metrics = Arc::new(WorkerMetrics::new(registry)?);
         let engine = dimple_engine::start(model, engine_cfg, Some(metrics.step_hook()));
         Ok(Self::new(engine, metrics, cfg))
+    }
+
+    /// Starts the built-in demo model (CPU, f32, one rank) with its own preprocessing and
+    /// response length.
+    pub fn builtin(engine_cfg: EngineConfig, registry: &Registry) -> Result<Self, WorkerError> {
+        let preprocess =
+            PreprocessConfig::from_json(dimple_core::builtin::PREPROCESSOR_CONFIG_JSON)
+                .map_err(|e| WorkerError::Internal(format!("built-in preprocessing: {e}")))?;
+        let cfg = WorkerConfig {
+            model_name: dimple_core::builtin::NAME.into(),
+            default_max_new_tokens: default_max_new_tokens(Some(
+                dimple_core::builtin::GENERATION_CONFIG_JSON,
+            )),
+            preprocess,
+            tp: 1,
+        };
+        Self::start_group(
+            &Checkpoint::Builtin,
+            GroupConfig::cpu(1),
+            engine_cfg,
+            cfg,
+            registry,
+        )
     }
 
     /// Starts a (possibly tensor-parallel) group of rank threads loading `checkpoint`.
