@@ -53,6 +53,8 @@ fn python() -> String {
 struct Server {
     grpc: SocketAddr,
     http: SocketAddr,
+    /// Begins the gRPC server's drain (the HTTP server keeps serving).
+    drain: tokio::sync::oneshot::Sender<()>,
 }
 
 /// What `dimple serve` assembles, on ephemeral ports.
@@ -75,16 +77,20 @@ async fn start() -> Server {
     .unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (drain, drained) = tokio::sync::oneshot::channel::<()>();
     let server = Server {
         grpc: grpc.local_addr().unwrap(),
         http: http.local_addr().unwrap(),
+        drain,
     };
     tokio::spawn(dimple_router::serve_http(
         http,
         router.http_api(),
         std::future::pending(),
     ));
-    tokio::spawn(dimple_router::serve(grpc, router, std::future::pending()));
+    tokio::spawn(dimple_router::serve(grpc, router, async {
+        let _ = drained.await;
+    }));
     server
 }
 
@@ -341,4 +347,16 @@ async fn the_openai_package_gets_the_grpc_answers() {
     let s = client.generate(authed(bad)).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::InvalidArgument);
     assert_eq!(s.message(), msg);
+
+    // Draining (SIGTERM) turns readiness off at once; liveness stays.
+    server.drain.send(()).unwrap();
+    let t = std::time::Instant::now();
+    while http(server.http, "GET", "/ready", false, "").await.0 != 503 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "still ready while draining"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(http(server.http, "GET", "/health", false, "").await.0, 200);
 }
