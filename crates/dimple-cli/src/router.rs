@@ -18,6 +18,14 @@ pub struct RouterArgs {
     /// Address of the public gRPC service.
     #[arg(long, default_value = "0.0.0.0:50051", env = "DIMPLE_LISTEN")]
     pub listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`,
+    /// `/tokenize`, `/health`, `/ready`); off unless given.
+    #[arg(long, env = "DIMPLE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Bound on bytes per prompt token: prompt text longer than `max_prompt_tokens` x this
+    /// is refused before tokenising.
+    #[arg(long, default_value_t = dimple_router::validate::DEFAULT_MAX_BYTES_PER_TOKEN, env = "DIMPLE_MAX_BYTES_PER_TOKEN")]
+    pub max_bytes_per_token: usize,
     /// Address of the HTTP `/metrics` endpoint.
     #[arg(long, default_value = "0.0.0.0:9090", env = "DIMPLE_METRICS_LISTEN")]
     pub metrics_listen: SocketAddr,
@@ -110,6 +118,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         tls,
         images: serving::image_limits(&source.preprocess_config()?),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        max_bytes_per_token: args.max_bytes_per_token,
         ..RouterConfig::default()
     };
     let registry = Registry::new();
@@ -128,7 +137,25 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             listener.local_addr()?,
             args.metrics_listen
         );
+        let http = match args.http_listen {
+            Some(addr) => {
+                let l = serving::bind(addr, "--http-listen").await?;
+                eprintln!(
+                    "dimple router: OpenAI-compatible HTTP on http://{}",
+                    l.local_addr()?
+                );
+                Some(tokio::spawn(dimple_router::serve_http(
+                    l,
+                    router.http_api(),
+                    shutdown.wait(),
+                )))
+            }
+            None => None,
+        };
         dimple_router::serve(listener, router, shutdown.wait()).await?;
+        if let Some(h) = http {
+            h.await??;
+        }
         Ok(())
     })
 }

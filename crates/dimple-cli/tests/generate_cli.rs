@@ -319,4 +319,26 @@ fn bench_random_checks_invariance_and_reports_each_level() {
         assert!(slots_per_s > 0.0 && gflops > 0.0, "{r:?}");
         assert!(r[9].ends_with('%') && r[10].ends_with('%'), "{r:?}");
     }
+
+fn prior_templates_decode_in_process() {
+    // The front-end tokenises the template into fixed slots, in-process as on a router.
+    let builder = dimple_router::prompt::PromptBuilder::builtin().unwrap();
+    let out = demo(&["--prior-template", "ab<mask>c"]);
+    let got = ids(&out["response_ids"]);
+    let ab: Vec<u64> = builder
+        .encode_text("ab")
+        .unwrap()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    let c: Vec<u64> = builder
+        .encode_text("c")
+        .unwrap()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    assert_eq!(got[..ab.len()], ab[..]);
+    assert_eq!(got[ab.len() + 1..ab.len() + 1 + c.len()], c[..]);
+    let first = ids(&out["history"][0]);
+    assert_eq!(first[..ab.len()], ab[..], "fixed before the first step");
 }
