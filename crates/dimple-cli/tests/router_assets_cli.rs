@@ -96,6 +96,7 @@ async fn tokenize_chat(router: SocketAddr) -> Vec<u32> {
     client
         .tokenize(v1::TokenizeRequest {
             input: Some(v1::tokenize_request::Input::Chat(chat)),
+            allow_special_tokens: false,
         })
         .await
         .unwrap()
