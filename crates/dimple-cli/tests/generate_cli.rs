@@ -319,7 +319,9 @@ fn bench_random_checks_invariance_and_reports_each_level() {
         assert!(slots_per_s > 0.0 && gflops > 0.0, "{r:?}");
         assert!(r[9].ends_with('%') && r[10].ends_with('%'), "{r:?}");
     }
+}
 
+#[test]
 fn prior_templates_decode_in_process() {
     // The front-end tokenises the template into fixed slots, in-process as on a router.
     let builder = dimple_router::prompt::PromptBuilder::builtin().unwrap();
