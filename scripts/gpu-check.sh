@@ -10,9 +10,11 @@
 #
 # 1. Golden parity on the GPU at tp 1 (f32): `dimple generate --json` on golden generation
 #    cases (tests/fixtures/golden) must reproduce the official step history exactly.
-# 2. Throughput: `dimple bench-random` on a Dimple-7B-shaped model with pseudo-random bf16
+# 2. Speed: `dimple bench-random` on a Dimple-7B-shaped model with pseudo-random bf16
 #    weights (28 layers, hidden 3584, 28/4 heads, MLP 18944, vocab 152064) at 1, 8 and 32
-#    concurrent requests of 64 response tokens: per-step time and tokens/s.
+#    concurrent requests of 64 response slots, exact and cached: per-step time, slots/s,
+#    useful FLOP/s and model FLOP utilisation; before it, batch invariance in bf16 (one
+#    request alone and in a batch of 8 decode the same tokens).
 #
 # The CUDA libraries (cudart, cuBLAS, cuRAND, NVRTC, NCCL) are found in the NVIDIA Python
 # packages of python3 (or set DIMPLE_CUDA_LIBS to a colon-separated list of directories).
@@ -124,15 +126,18 @@ echo "golden parity: $passed passed, $failed failed"
 [ "$failed" -eq 0 ] || status=1
 
 if [ -z "${SKIP_BENCH:-}" ]; then
-    echo "== throughput: Dimple-7B shape, random bf16 weights, tp 1, 64 response tokens"
-    for cache in "" "--cache"; do
-        echo "-- ${cache:-no cache (full sequence every step)}"
-        # shellcheck disable=SC2086
-        if ! timeout "${BENCH_TIMEOUT:-420}" "$bin" bench-random --shape "${BENCH_SHAPE:-7b}" --tp 1 --device "${DIMPLE_CHECK_DEVICE:-cuda}" --dtype "${BENCH_DTYPE:-bf16}" \
-            --concurrency "${BENCH_CONCURRENCY:-1,8,32}" --response-tokens 64 --prompt-tokens "${BENCH_PROMPT:-128}" $cache; then
-            echo "FAIL: bench-random ${cache} did not complete" >&2
-            status=1
-        fi
-    done
+    echo "== speed: Dimple-7B shape, random ${BENCH_DTYPE:-bf16} weights, tp 1, 64 response slots"
+    # Per-step time, slots/s and model FLOP utilisation (useful FLOP/s over the H200's dense
+    # bf16 peak, BENCH_PEAK_TFLOPS) at 1, 8 and 32 concurrent requests, exact and cached;
+    # first, batch invariance: one request alone and in a batch of 8 must decode alike.
+    # shellcheck disable=SC2086
+    if ! timeout "${BENCH_TIMEOUT:-420}" "$bin" bench-random --shape "${BENCH_SHAPE:-7b}" --tp 1 \
+        --device "${DIMPLE_CHECK_DEVICE:-cuda}" --dtype "${BENCH_DTYPE:-bf16}" \
+        --concurrency "${BENCH_CONCURRENCY:-1,8,32}" --response-tokens 64 --steps "${BENCH_STEPS:-16}" \
+        --prompt-tokens "${BENCH_PROMPT:-128}" --modes exact,cached --check-invariance 7 \
+        --peak-tflops "${BENCH_PEAK_TFLOPS:-989}"; then
+        echo "FAIL: bench-random did not complete (or batch invariance failed)" >&2
+        status=1
+    fi
 fi
 exit $status

@@ -8,7 +8,10 @@ use prost::Message;
 const PROTOS: [&str; 2] = ["dimple/v1/dimple.proto", "dimple/worker/v1/worker.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not compiled in: cargo hashes workspace members by their path
+    // relative to the workspace, so checkouts sharing one target directory share this
+    // script's binary, and a compiled-in path would read another checkout's protos.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     for p in PROTOS {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }

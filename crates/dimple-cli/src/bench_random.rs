@@ -61,6 +61,17 @@ pub struct BenchRandomArgs {
     /// Skip the plain-matmul measurement.
     #[arg(long)]
     pub no_matmul: bool,
+    /// Seconds each plain-matmul shape is timed for.
+    #[arg(long, default_value_t = 0.4)]
+    pub matmul_seconds: f64,
+    /// The device's peak rate for the dtype, in TFLOP/s (e.g. about 990 for bf16 dense on
+    /// an H100/H200): adds model FLOP utilisation (useful FLOP/s over this) to the table.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Before measuring, decode one request alone and again in a batch with this many
+    /// others (all at once), and fail unless its tokens are the same.
+    #[arg(long)]
+    pub check_invariance: Option<usize>,
     #[command(flatten)]
     pub ranks: RankArgs,
 }
@@ -68,26 +79,35 @@ pub struct BenchRandomArgs {
 fn shape(name: &str) -> anyhow::Result<DimpleConfig> {
     // Unset fields take the Dimple-7B defaults (see `DimpleConfig`).
     let json = match name {
-        "7b" => r#"{"num_key_value_heads": 4}"#,
-        "small" => {
-            r#"{"num_key_value_heads": 2, "num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8,
-                "intermediate_size": 1408, "vocab_size": 8192, "mrope_section": [8, 12, 12],
-                "image_token_id": 8186, "video_token_id": 8187, "vision_start_token_id": 8188,
-                "vision_end_token_id": 8189, "vision_token_id": 8190, "mask_token_id": 8191,
-                "pad_token_id": 8185, "eos_token_id": 8185,
-                "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 512, "fullatt_block_indexes": [0]}}"#
-        }
-        "speed" => {
-            r#"{"num_key_value_heads": 2, "num_hidden_layers": 8, "hidden_size": 512, "num_attention_heads": 8,
-                "intermediate_size": 1536, "vocab_size": 32768, "mrope_section": [8, 12, 12],
-                "image_token_id": 32762, "video_token_id": 32763, "vision_start_token_id": 32764,
-                "vision_end_token_id": 32765, "vision_token_id": 32766, "mask_token_id": 32767,
-                "pad_token_id": 32761, "eos_token_id": 32761,
-                "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 512, "fullatt_block_indexes": [0]}}"#
-        }
+        "7b" => r#"{"num_key_value_heads": 4}"#.to_string(),
+        "small" => narrow_shape(4, 1408, 8192),
+        "speed" => narrow_shape(8, 1536, 32768),
         other => bail!("`--shape` must be 7b, speed or small, got {other:?}"),
     };
-    Ok(DimpleConfig::from_json(json)?)
+    Ok(DimpleConfig::from_json(&json)?)
+}
+
+/// A hidden-512, 8/2-head text model of `layers` layers with the special ids at the top of
+/// its vocabulary, and a one-block vision tower.
+fn narrow_shape(layers: usize, inter: usize, vocab: usize) -> String {
+    let id = |below: usize| vocab - below;
+    format!(
+        r#"{{"num_key_value_heads": 2, "num_hidden_layers": {layers}, "hidden_size": 512,
+            "num_attention_heads": 8, "intermediate_size": {inter}, "vocab_size": {vocab},
+            "mrope_section": [8, 12, 12], "image_token_id": {}, "video_token_id": {},
+            "vision_start_token_id": {}, "vision_end_token_id": {}, "vision_token_id": {},
+            "mask_token_id": {}, "pad_token_id": {}, "eos_token_id": {},
+            "vision_config": {{"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                               "out_hidden_size": 512, "fullatt_block_indexes": [0]}}}}"#,
+        id(6),
+        id(5),
+        id(4),
+        id(3),
+        id(2),
+        id(1),
+        id(7),
+        id(7)
+    )
 }
 
 /// Matmul FLOPs of the model's work, from its shape.
@@ -105,7 +125,8 @@ impl FlopModel {
         let (h, hd) = (c.hidden_size as f64, c.head_dim() as f64);
         let (nh, nkv) = (c.num_attention_heads as f64, c.num_kv_heads() as f64);
         let layers = c.num_hidden_layers as f64;
-        let per_layer = h * nh * hd * 2.0 + h * nkv * hd * 2.0 + 3.0 * h * c.intermediate_size as f64;
+        let per_layer =
+            h * nh * hd * 2.0 + h * nkv * hd * 2.0 + 3.0 * h * c.intermediate_size as f64;
         Self {
             linear_per_token: 2.0 * per_layer * layers,
             attn_per_pair: 2.0 * 2.0 * nh * hd * layers,
@@ -169,7 +190,12 @@ impl FlopModel {
 
 /// Best matmul rate (FLOP/s) at the model's shapes, as `x [m, k] @ w[n, k]^T` like a linear
 /// layer.
-fn matmul_peak(c: &DimpleConfig, device: &Device, dtype: DType) -> anyhow::Result<Vec<(String, f64)>> {
+fn matmul_peak(
+    c: &DimpleConfig,
+    device: &Device,
+    dtype: DType,
+    seconds: f64,
+) -> anyhow::Result<Vec<(String, f64)>> {
     let (h, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let shapes = [
         (128, h, inter),
@@ -188,15 +214,28 @@ fn matmul_peak(c: &DimpleConfig, device: &Device, dtype: DType) -> anyhow::Resul
         device.synchronize()?;
         let started = Instant::now();
         let mut runs = 0u32;
-        while started.elapsed() < Duration::from_millis(400) || runs < 3 {
+        while started.elapsed() < Duration::from_secs_f64(seconds) || runs < 3 {
             let _ = x.matmul(&wt)?;
             runs += 1;
         }
         device.synchronize()?;
         let secs = started.elapsed().as_secs_f64() / runs as f64;
-        out.push((format!("{m}x{k} @ {k}x{n}"), 2.0 * (m * k * n) as f64 / secs));
+        out.push((
+            format!("{m}x{k} @ {k}x{n}"),
+            2.0 * (m * k * n) as f64 / secs,
+        ));
     }
     Ok(out)
+}
+
+/// How a cache mode is named in the tables (`cached` is the prefix cache).
+fn mode_label(mode: CacheMode, block_length: Option<usize>) -> String {
+    match (mode, block_length) {
+        (CacheMode::Exact, _) => "exact".to_string(),
+        (CacheMode::Prefix, _) => "cached".to_string(),
+        (CacheMode::Dual, Some(b)) => format!("dual, block {b}"),
+        (CacheMode::Dual, None) => "dual".to_string(),
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -231,8 +270,11 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
 
     let mut peak = 0.0f64;
     if !a.no_matmul {
-        println!("matmul at the model's shapes ({:?}, {:?}):", group.devices, group.dtype);
-        for (name, rate) in matmul_peak(&cfg, &device, group.dtype)? {
+        println!(
+            "matmul at the model's shapes ({:?}, {:?}):",
+            group.devices, group.dtype
+        );
+        for (name, rate) in matmul_peak(&cfg, &device, group.dtype, a.matmul_seconds)? {
             println!("  {name:<24} {:8.1} GFLOP/s", rate / 1e9);
             peak = peak.max(rate);
         }
@@ -337,14 +379,51 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
         run_level(1, 0, mode)?;
     }
     eprintln!("warm-up: {:.2} s", warm.elapsed().as_secs_f64());
+    if let Some(others) = a.check_invariance {
+        for &cached in &modes {
+            let decode = |batch: usize| -> anyhow::Result<Vec<u32>> {
+                let rxs = (0..batch)
+                    .map(|i| engine.submit(request(7 + i as u64, cached)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut first = None;
+                for mut rx in rxs {
+                    loop {
+                        match rx.blocking_recv().context("the engine stopped")? {
+                            EngineEvent::Step { .. } => {}
+                            EngineEvent::Finished(f) => {
+                                first.get_or_insert(f.response_ids);
+                                break;
+                            }
+                            EngineEvent::Failed(e) => bail!("request failed: {e}"),
+                        }
+                    }
+                }
+                first.context("no request")
+            };
+            let alone = decode(1)?;
+            let batched = decode(1 + others)?;
+            let mode = mode_label(cached, a.block_length);
+            if alone != batched {
+                bail!(
+                    "batch invariance ({mode}): a request decoded alone and with {others} others differs:\n  alone   {alone:?}\n  batched {batched:?}"
+                );
+            }
+            println!(
+                "batch invariance ({mode}): alone and with {others} others, the same {} tokens",
+                alone.len()
+            );
+        }
+    }
     println!(
         "\n{} model, {} prompt + {} response slots, {} steps, tp {}:",
         a.shape, a.prompt_tokens, a.response_tokens, steps, a.ranks.tp
     );
     println!(
-        "| mode | concurrency | forward passes | mean step ms | request p50 s | request max s | slots/s | useful GFLOP/s | of matmul best |"
+        "| mode | concurrency | forward passes | mean step ms | request p50 s | request max s | slots/s | useful GFLOP/s | of matmul best | MFU |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    // Forward passes before the last clear of the step log (all logged by then).
+    let mut logged_before = 0u64;
     for &mode in &modes {
         for (k, &c) in a.concurrency.iter().enumerate() {
             let mut agg = Level {
@@ -353,9 +432,19 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
                 slots: 0,
                 useful_flops: 0.0,
             };
+            // A step's report is logged just after its requests hear that they finished:
+            // wait for the engine's pass count so no level sees another's steps.
+            let settle = |want: u64| {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while log.lock().map_or(0, |l| l.len() as u64) < want && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            };
+            settle(engine.stats().forward_passes.saturating_sub(logged_before));
             if let Ok(mut l) = log.lock() {
                 l.clear();
             }
+            let passes_before = engine.stats().forward_passes;
             for round in 0..a.rounds.max(1) {
                 let lv = run_level(c, 1_000 * (k as u64 + 1) + 97 * round as u64, mode)?;
                 agg.wall += lv.wall;
@@ -363,6 +452,8 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
                 agg.slots += lv.slots;
                 agg.useful_flops += lv.useful_flops;
             }
+            settle(engine.stats().forward_passes - passes_before);
+            logged_before = engine.stats().forward_passes;
             let steps: Vec<f64> = log
                 .lock()
                 .map(|l| l.iter().map(|r| r.seconds).collect())
@@ -370,14 +461,13 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
             let mean_step = steps.iter().sum::<f64>() / steps.len().max(1) as f64;
             agg.latencies.sort_by(f64::total_cmp);
             let rate = agg.useful_flops / agg.wall;
+            let mfu = match a.peak_tflops {
+                Some(p) if p > 0.0 => format!("{:.1}%", 100.0 * rate / (p * 1e12)),
+                _ => "-".into(),
+            };
             println!(
-                "| {} | {c} | {} | {:.1} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
-                match (mode, a.block_length) {
-                    (CacheMode::Exact, _) => "exact".to_string(),
-                    (CacheMode::Prefix, _) => "cached".to_string(),
-                    (CacheMode::Dual, Some(b)) => format!("dual, block {b}"),
-                    (CacheMode::Dual, None) => "dual".to_string(),
-                },
+                "| {} | {c} | {} | {:.1} | {:.3} | {:.3} | {:.1} | {:.1} | {} | {mfu} |",
+                mode_label(mode, a.block_length),
                 steps.len(),
                 mean_step * 1e3,
                 percentile(&agg.latencies, 0.5),

@@ -1,22 +1,23 @@
-//! `dimple generate`: one request through an in-process engine. Prints the answer (showing
-//! the denoising live on a terminal), or with `--json` the response ids, the number of
-//! forward passes and the response after every step.
+//! `dimple generate`: one request through the router's front-end, over an in-process engine
+//! (or a running router with `--router`). Prints the answer (showing the denoising live on
+//! a terminal), or with `--json` the response ids, the number of forward passes and the
+//! response after every step.
 
-use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device};
 use clap::Args;
-use dimple_core::params::{DecodeParams, StructurePrior};
-use dimple_engine::{
-    EngineConfig, EngineEvent, EngineImage, GenerateRequest, GroupConfig, GroupDevices,
-};
-use dimple_model::Checkpoint;
-use dimple_model::preprocess::preprocess_image;
-use dimple_router::prompt::{ChatMessage, ContentPart, PromptBuilder};
+use dimple_core::params::StructurePrior;
+use dimple_engine::{EngineConfig, GroupConfig, GroupDevices};
+use dimple_proto::convert::GenerateInput;
+use dimple_router::RouterError;
+use dimple_router::prompt::PromptBuilder;
+use prometheus::Registry;
 
 use crate::model_source::ModelSource;
+use crate::remote::{Events, front_error};
+use crate::serving;
 
 /// Decode parameters shared by every command that submits requests.
 #[derive(Args, Debug, Clone)]
@@ -64,30 +65,6 @@ pub struct DecodeArgs {
     /// Structure prior: fixed response tokens as `POS:TOKEN,POS:TOKEN,...`.
     #[arg(long, env = "DIMPLE_PRIOR")]
     pub prior: Option<String>,
-}
-
-impl DecodeArgs {
-    /// Builds the parameters; `default_len` is the response length when none is given.
-    pub fn params(&self, default_len: usize) -> anyhow::Result<DecodeParams> {
-        let max_new_tokens = self.max_new_tokens.unwrap_or(default_len);
-        Ok(DecodeParams {
-            max_new_tokens,
-            steps: self.steps.unwrap_or(max_new_tokens),
-            threshold: self.threshold,
-            alg: self.alg.parse()?,
-            pipeline: self.pipeline.parse()?,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            alg_temp: self.alg_temp,
-            use_original_confidence: !self.no_original_confidence,
-            seed: self.seed,
-            use_cache: self.cache,
-            prior: parse_prior(self.prior.as_deref())?,
-            block_length: self.block_length,
-            cache: self.cache_mode.as_deref().map(str::parse).transpose()?,
-        })
-    }
 }
 
 pub fn parse_prior(text: Option<&str>) -> anyhow::Result<StructurePrior> {
@@ -147,7 +124,7 @@ pub struct GenerateArgs {
     #[arg(long, env = "DIMPLE_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
     /// Structure prior as a response template, e.g. "The answer is <mask><mask>.<|im_end|>"
-    /// (with `--router`: the router tokenises it into fixed positions).
+    /// (tokenised into fixed positions by the front-end).
     #[arg(long, conflicts_with = "prior")]
     pub prior_template: Option<String>,
     #[command(flatten)]
@@ -161,7 +138,8 @@ pub struct RankArgs {
     /// is no GPU). Must be one of the model's valid degrees.
     #[arg(long, default_value_t = 1, env = "DIMPLE_TP")]
     pub tp: usize,
-    /// cpu, cuda, or auto (CUDA when the binary is built with it and a GPU opens).
+    /// cpu, cuda, or auto (CUDA when the binary is built with it and a GPU opens). `cuda`
+    /// fails at start when the binary lacks CUDA or the GPUs do not open.
     #[arg(long, default_value = "auto", env = "DIMPLE_DEVICE")]
     pub device: String,
     /// f32, bf16 or f16 (candle's CPU matmul has no bf16 kernel: use f32 or f16 on CPU).
@@ -179,7 +157,10 @@ impl RankArgs {
         };
         let devices = match self.device.as_str() {
             "cpu" => GroupDevices::Cpu,
-            "cuda" => GroupDevices::Cuda { first_ordinal: 0 },
+            "cuda" => {
+                crate::device::require_cuda(self.tp)?;
+                GroupDevices::Cuda { first_ordinal: 0 }
+            }
             "auto" if candle_core::utils::cuda_is_available() && Device::new_cuda(0).is_ok() => {
                 GroupDevices::Cuda { first_ordinal: 0 }
             }
@@ -198,24 +179,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(url) = &args.router {
         return crate::remote::run(&args, url);
     }
-    if args.prior_template.is_some() {
-        bail!("`--prior-template` needs `--router` (the router tokenises templates)");
-    }
+    // The same request `--router` sends, through the same front-end, decoded here.
+    let request = crate::remote::request(&args)?;
     let source = ModelSource(args.model.clone());
-    let checkpoint = match &source.0 {
-        Some(dir) => Checkpoint::Dir(dir.clone()),
-        None => Checkpoint::Builtin,
-    };
-    let group = args.ranks.group()?;
-    let engine = dimple_engine::start_group(&checkpoint, group, EngineConfig::default(), None)
-        .with_context(|| {
-            format!(
-                "loading the model from {} on {} rank(s)",
-                source.name(),
-                args.ranks.tp
-            )
-        })?;
-    let cfg = engine.model_config().clone();
     let mut pre = source.preprocess_config()?;
     if let Some(v) = args.min_pixels {
         pre.min_pixels = v;
@@ -223,103 +189,34 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     if let Some(v) = args.max_pixels {
         pre.max_pixels = v;
     }
-    let mut images = Vec::new();
-    for path in &args.image {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let im =
-            preprocess_image(&bytes, &pre).with_context(|| format!("image {}", path.display()))?;
-        images.push(im);
-    }
-    let builder = source.prompt_builder().ok();
-    let prompt_ids = match (&args.input_ids, &args.prompt) {
-        (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => {
-            let builder = builder
-                .as_ref()
-                .context("the model has no tokenizer.json; use --input-ids")?;
-            let mut parts: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).collect();
-            parts.push(ContentPart::text(text.clone()));
-            let counts: Vec<usize> = images
-                .iter()
-                .map(|i| i.num_image_tokens(pre.merge_size as usize))
-                .collect();
-            builder
-                .build(&[ChatMessage::parts("user", parts)], &counts)?
-                .ids
+    let prompt = match source.prompt_builder() {
+        Ok(p) => p,
+        // A bare checkpoint still decodes token ids; its text is only indicative.
+        Err(e) if args.input_ids.is_some() => {
+            eprintln!("warning: {e:#}; text is decoded with the built-in demo tokenizer");
+            PromptBuilder::builtin()?
         }
-        (None, None) => bail!("give a prompt or --input-ids"),
+        Err(e) => return Err(e),
     };
-    let default_len = default_response_len(&source);
-    let params = args.decode.params(default_len)?;
-    let n = params.max_new_tokens;
-    let mut row = params.initial_response(cfg.mask_token_id);
-    let request = GenerateRequest {
-        prompt_ids,
-        images: images.into_iter().map(EngineImage::from).collect(),
-        params,
-        deadline: None,
-    };
-    let mut rx = engine.submit(request)?;
-    let live = !args.json && std::io::stderr().is_terminal();
-    let mut history = Vec::new();
-    let mut blocks = Vec::new();
-    let finished = loop {
-        match rx
-            .blocking_recv()
-            .context("the engine stopped without answering")?
-        {
-            EngineEvent::Step {
-                committed, block, ..
-            } => {
-                for (p, t) in committed {
-                    row[p] = t;
-                }
-                history.push(row.clone());
-                blocks.push(block);
-                if live {
-                    if let Some(b) = &builder {
-                        let canvas = render_canvas(b, &row, cfg.mask_token_id);
-                        eprint!(
-                            "\r\x1b[Kstep {:>3} block {block:>2}  {canvas}",
-                            history.len()
-                        );
-                        let _ = std::io::stderr().flush();
-                    }
-                }
-            }
-            EngineEvent::Finished(f) => break f,
-            EngineEvent::Failed(e) => bail!("generation failed: {e}"),
-        }
-    };
-    if live {
-        eprintln!();
-    }
-    engine.shutdown();
-    let text = builder
-        .as_ref()
-        .map(|b| answer_text(b, &finished.response_ids, cfg.eos_token_id))
-        .transpose()?;
-    if args.json {
-        let out = serde_json::json!({
-            "response_ids": finished.response_ids,
-            "steps": finished.steps,
-            "history": history,
-            "blocks": blocks,
-            "finish_reason": finished.finish_reason.as_str(),
-            "text": text,
-        });
-        println!("{out}");
-    } else {
-        match text {
-            Some(t) => println!("{t}"),
-            None => println!("{:?}", finished.response_ids),
-        }
-        eprintln!(
-            "[{} forward passes for {} response slots, {}]",
-            finished.steps, n, finished.finish_reason
-        );
-    }
-    Ok(())
+    let images = serving::image_limits(&pre);
+    let worker = serving::start_worker_with(
+        &source,
+        &args.ranks,
+        EngineConfig::default(),
+        pre,
+        &Registry::new(),
+    )?;
+    let result = serving::block_on(async {
+        let frontend = serving::local_frontend(worker.clone(), prompt, images, 4)?;
+        let input =
+            GenerateInput::try_from(request).map_err(|e| front_error(RouterError::from(e)))?;
+        let prepared = frontend.prepare(input).await.map_err(front_error)?;
+        let deadline = frontend.deadline(None);
+        let events = Events::Local(frontend.stream(prepared, deadline));
+        crate::remote::print(&args, events, None).await
+    });
+    worker.shutdown();
+    result
 }
 
 /// `max_new_tokens` from the model's generation config, else 64.
@@ -328,35 +225,5 @@ pub(crate) fn default_response_len(source: &ModelSource) -> usize {
         Some(dir) => std::fs::read_to_string(dir.join("generation_config.json")).ok(),
         None => Some(dimple_core::builtin::GENERATION_CONFIG_JSON.to_string()),
     };
-    text.and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("max_new_tokens").and_then(|m| m.as_u64()))
-        .map_or(64, |m| m as usize)
-}
-
-/// The answer: the text before the first end token, special tokens dropped.
-pub fn answer_text(builder: &PromptBuilder, response: &[u32], eos: u32) -> anyhow::Result<String> {
-    let end = response
-        .iter()
-        .position(|&t| t == eos)
-        .unwrap_or(response.len());
-    Ok(builder.decode(&response[..end], true)?.trim().to_string())
-}
-
-/// The response with committed text decoded and each still-masked slot shown as `_`.
-pub fn render_canvas(builder: &PromptBuilder, row: &[u32], mask: u32) -> String {
-    let mut out = String::new();
-    let mut run: Vec<u32> = Vec::new();
-    for &t in row.iter().chain(std::iter::once(&mask)) {
-        if t == mask {
-            if !run.is_empty() {
-                out.push_str(&builder.decode(&run, false).unwrap_or_default());
-                run.clear();
-            }
-            out.push('_');
-        } else {
-            run.push(t);
-        }
-    }
-    out.pop();
-    out.replace('\n', " ")
+    dimple_worker::default_max_new_tokens(text.as_deref())
 }

@@ -1,7 +1,9 @@
 //! `dimple`: the command-line entry point. Each subcommand parses its flags (every flag can
 //! also come from a `DIMPLE_*` environment variable) and calls into the library crates.
 
+mod assets;
 mod bench_random;
+mod device;
 mod generate;
 mod model_source;
 mod remote;

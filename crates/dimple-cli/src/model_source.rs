@@ -4,8 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use candle_core::{DType, Device};
-use dimple_model::DimpleModel;
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_router::prompt::PromptBuilder;
 
@@ -18,14 +16,6 @@ impl ModelSource {
         match &self.0 {
             Some(d) => d.display().to_string(),
             None => dimple_core::builtin::NAME.to_string(),
-        }
-    }
-
-    pub fn load_model(&self, dtype: DType, device: &Device) -> anyhow::Result<DimpleModel> {
-        match &self.0 {
-            Some(dir) => DimpleModel::load(dir, dtype, device)
-                .with_context(|| format!("loading the model from {}", dir.display())),
-            None => Ok(DimpleModel::builtin(dtype, device)?),
         }
     }
 

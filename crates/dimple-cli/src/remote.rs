@@ -1,11 +1,17 @@
-//! `dimple generate --router URL`: the same request sent to a running router, with the
-//! denoising shown live from the stream (one step message per forward pass).
+//! `dimple generate`: the request built from the command line, sent to a running router
+//! (`--router URL`) or to the front-end over an in-process engine, with the denoising shown
+//! live from the stream (one step message per forward pass). Both paths print from the same
+//! stream messages.
 
 use std::io::{IsTerminal, Write};
 
 use anyhow::{Context, bail};
 use dimple_proto::v1;
 use dimple_proto::v1::dimple_client::DimpleClient;
+use dimple_router::RouterError;
+use dimple_router::error::code_name;
+use dimple_router::frontend::FrontEvent;
+use tokio::sync::mpsc;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::generate::{DecodeArgs, GenerateArgs, parse_prior};
@@ -74,6 +80,7 @@ pub fn request(args: &GenerateArgs) -> anyhow::Result<v1::GenerateRequest> {
             mask_placeholder: "_".into(),
         }),
         request_id: String::new(),
+        allow_special_tokens: false,
     })
 }
 
@@ -92,6 +99,7 @@ pub(crate) fn params(d: &DecodeArgs) -> v1::DecodeParams {
         use_original_confidence: Some(!d.no_original_confidence),
         seed: Some(d.seed),
         use_cache: Some(d.cache),
+        stop: Vec::new(),
         block_length: d.block_length.map(|n| n as u32),
         cache_mode: d.cache_mode.clone().unwrap_or_default(),
     }
@@ -118,6 +126,30 @@ pub(crate) async fn connect(
         .with_context(|| format!("connecting to the router at {url}"))
 }
 
+/// Where a generation's stream messages come from.
+pub enum Events {
+    Remote(tonic::Streaming<v1::GenerateStreamResponse>),
+    Local(mpsc::Receiver<Result<FrontEvent, RouterError>>),
+}
+
+impl Events {
+    async fn next(&mut self) -> anyhow::Result<Option<v1::GenerateStreamResponse>> {
+        match self {
+            Events::Remote(s) => s.message().await.map_err(status_error),
+            Events::Local(rx) => match rx.recv().await {
+                None => Ok(None),
+                Some(Ok(e)) => Ok(Some(dimple_router::service::stream_message(e))),
+                Some(Err(e)) => Err(front_error(e)),
+            },
+        }
+    }
+}
+
+/// A front-end error as the command reports it.
+pub fn front_error(e: RouterError) -> anyhow::Error {
+    anyhow::anyhow!("{}: {e}", code_name(e.code()))
+}
+
 pub fn run(args: &GenerateArgs, url: &str) -> anyhow::Result<()> {
     let request = request(args)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -135,70 +167,89 @@ pub fn run(args: &GenerateArgs, url: &str) -> anyhow::Result<()> {
                 format!("Bearer {key}").parse().context("`--api-key`")?,
             );
         }
-        let mut stream = client
+        let stream = client
             .generate_stream(req)
             .await
             .map_err(status_error)?
             .into_inner();
-        let live = !args.json && std::io::stderr().is_terminal();
-        let mut row: Vec<u32> = Vec::new();
-        let mut history = Vec::new();
-        let finished = loop {
-            let Some(msg) = stream.message().await.map_err(status_error)? else {
-                bail!("the router ended the stream without a final answer");
-            };
-            match msg.event {
-                Some(v1::generate_stream_response::Event::Started(s)) => row = s.initial_ids,
-                Some(v1::generate_stream_response::Event::Step(step)) => {
-                    for c in &step.committed {
-                        if let Some(slot) = row.get_mut(c.position as usize) {
-                            *slot = c.token_id;
-                        }
-                    }
-                    history.push(row.clone());
-                    if live && let Some(canvas) = &step.canvas {
-                        eprint!(
-                            "\r\x1b[Kstep {:>3}  {}",
-                            history.len(),
-                            canvas.replace('\n', " ")
-                        );
-                        let _ = std::io::stderr().flush();
-                    }
-                }
-                Some(v1::generate_stream_response::Event::Final(f)) => break f,
-                None => {}
-            }
-        };
-        if live {
-            eprintln!();
-        }
-        let reason = match v1::FinishReason::try_from(finished.finish_reason) {
-            Ok(v1::FinishReason::Completed) => "completed",
-            Ok(v1::FinishReason::StepLimit) => "step_limit",
-            _ => "unspecified",
-        };
-        if args.json {
-            let out = serde_json::json!({
-                "response_ids": finished.token_ids,
-                "steps": finished.steps,
-                "history": history,
-                "finish_reason": reason,
-                "text": finished.text,
-            });
-            println!("{out}");
-        } else {
-            println!("{}", finished.text);
-            eprintln!(
-                "[{} forward passes for {} response slots, {}; via {url}]",
-                finished.steps,
-                finished.token_ids.len(),
-                reason
-            );
-        }
-        Ok(())
+        print(args, Events::Remote(stream), Some(url)).await
     })
 }
 
+/// Prints a generation from its stream: the live canvas on a terminal, then the answer (or
+/// the JSON history).
+pub async fn print(
+    args: &GenerateArgs,
+    mut events: Events,
+    via: Option<&str>,
+) -> anyhow::Result<()> {
+    let live = !args.json && std::io::stderr().is_terminal();
+    let mut row: Vec<u32> = Vec::new();
+    let mut history = Vec::new();
+    let mut blocks = Vec::new();
+    let finished = loop {
+        let Some(msg) = events.next().await? else {
+            bail!("the stream ended without a final answer");
+        };
+        match msg.event {
+            Some(v1::generate_stream_response::Event::Started(s)) => row = s.initial_ids,
+            Some(v1::generate_stream_response::Event::Step(step)) => {
+                for c in &step.committed {
+                    if let Some(slot) = row.get_mut(c.position as usize) {
+                        *slot = c.token_id;
+                    }
+                }
+                history.push(row.clone());
+                blocks.push(step.block);
+                if live && let Some(canvas) = &step.canvas {
+                    eprint!(
+                        "\r\x1b[Kstep {:>3} block {:>2}  {}",
+                        history.len(),
+                        step.block,
+                        canvas.replace('\n', " ")
+                    );
+                    let _ = std::io::stderr().flush();
+                }
+            }
+            Some(v1::generate_stream_response::Event::Final(f)) => break f,
+            None => {}
+        }
+    };
+    if live {
+        eprintln!();
+    }
+    let reason = match v1::FinishReason::try_from(finished.finish_reason) {
+        Ok(v1::FinishReason::Completed) => "completed",
+        Ok(v1::FinishReason::StepLimit) => "step_limit",
+        _ => "unspecified",
+    };
+    if args.json {
+        let out = serde_json::json!({
+            "response_ids": finished.token_ids,
+            "steps": finished.steps,
+            "history": history,
+            "blocks": blocks,
+            "finish_reason": reason,
+            "text": finished.text,
+        });
+        println!("{out}");
+    } else {
+        println!("{}", finished.text);
+        let via = via.map(|u| format!("; via {u}")).unwrap_or_default();
+        eprintln!(
+            "[{} forward passes for {} response slots, {}{via}]",
+            finished.steps,
+            finished.token_ids.len(),
+            reason
+        );
+    }
+    Ok(())
+}
+
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("the router answered {:?}: {}", s.code(), s.message())
+    anyhow::anyhow!(
+        "the router answered {}: {}",
+        code_name(s.code()),
+        s.message()
+    )
 }

@@ -18,6 +18,14 @@ pub struct RouterArgs {
     /// Address of the public gRPC service.
     #[arg(long, default_value = "0.0.0.0:50051", env = "DIMPLE_LISTEN")]
     pub listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`,
+    /// `/tokenize`, `/health`, `/ready`); off unless given.
+    #[arg(long, env = "DIMPLE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Bound on bytes per prompt token: prompt text longer than `max_prompt_tokens` x this
+    /// is refused before tokenising.
+    #[arg(long, default_value_t = dimple_router::validate::DEFAULT_MAX_BYTES_PER_TOKEN, env = "DIMPLE_MAX_BYTES_PER_TOKEN")]
+    pub max_bytes_per_token: usize,
     /// Address of the HTTP `/metrics` endpoint.
     #[arg(long, default_value = "0.0.0.0:9090", env = "DIMPLE_METRICS_LISTEN")]
     pub metrics_listen: SocketAddr,
@@ -25,6 +33,11 @@ pub struct RouterArgs {
     /// are read. The built-in demo tokenizer when absent.
     #[arg(long, env = "DIMPLE_MODEL")]
     pub model: Option<PathBuf>,
+    /// Instead of `--model`: fetch tokenizer.json, the chat template and
+    /// preprocessor_config.json from a worker at start-up (waits until one answers), so the
+    /// router needs no access to the weights.
+    #[arg(long, conflicts_with = "model", env = "DIMPLE_ASSETS_FROM_WORKERS")]
+    pub assets_from_workers: bool,
     /// Static worker list (`HOST:PORT,...`), used when no etcd endpoints are given.
     #[arg(long, value_delimiter = ',', env = "DIMPLE_WORKERS")]
     pub workers: Vec<String>,
@@ -55,8 +68,6 @@ pub struct RouterArgs {
 }
 
 pub fn run(args: RouterArgs) -> anyhow::Result<()> {
-    let source = ModelSource(args.model.clone());
-    let prompt = source.prompt_builder()?;
     let discovery = if !args.etcd_endpoints.is_empty() {
         Discovery::Etcd {
             endpoints: args.etcd_endpoints.clone(),
@@ -67,6 +78,18 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
     } else {
         bail!("give `--workers HOST:PORT,...` or `--etcd-endpoints URL,...`");
     };
+    let source = if args.assets_from_workers {
+        let dir = crate::assets::private_dir();
+        serving::block_on(crate::assets::fetch_into(
+            &discovery,
+            args.max_message_bytes,
+            &dir,
+        ))?;
+        ModelSource(Some(dir))
+    } else {
+        ModelSource(args.model.clone())
+    };
+    let prompt = source.prompt_builder()?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsIdentity {
             cert_pem: std::fs::read(cert)
@@ -95,6 +118,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         tls,
         images: serving::image_limits(&source.preprocess_config()?),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        max_bytes_per_token: args.max_bytes_per_token,
         ..RouterConfig::default()
     };
     let registry = Registry::new();
@@ -113,7 +137,25 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             listener.local_addr()?,
             args.metrics_listen
         );
+        let http = match args.http_listen {
+            Some(addr) => {
+                let l = serving::bind(addr, "--http-listen").await?;
+                eprintln!(
+                    "dimple router: OpenAI-compatible HTTP on http://{}",
+                    l.local_addr()?
+                );
+                Some(tokio::spawn(dimple_router::serve_http(
+                    l,
+                    router.http_api(),
+                    shutdown.wait(),
+                )))
+            }
+            None => None,
+        };
         dimple_router::serve(listener, router, shutdown.wait()).await?;
+        if let Some(h) = http {
+            h.await??;
+        }
         Ok(())
     })
 }

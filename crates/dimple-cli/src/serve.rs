@@ -1,13 +1,17 @@
-//! `dimple serve`: router and one worker in one process — the embedded default for one
-//! machine (built-in demo model unless `--model`). The worker listens on an ephemeral
-//! loopback port that only the router dials; one `/metrics` endpoint shows both.
+//! `dimple serve`: the router's front-end and one worker in one process — the embedded
+//! default for one machine (built-in demo model unless `--model`). Requests go from the
+//! front-end to the engine through `dimple_worker::LocalBackend`, with no network hop; the
+//! public gRPC service and the OpenAI-compatible HTTP API share them. One `/metrics`
+//! endpoint shows both.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::Args;
-use dimple_router::{Discovery, Router, RouterConfig};
-use dimple_worker::ServeOptions;
+use dimple_router::{ApiKeys, Router, RouterConfig};
+use dimple_worker::LocalBackend;
 use prometheus::Registry;
 
 use crate::generate::RankArgs;
@@ -19,6 +23,14 @@ pub struct ServeArgs {
     /// Address of the public gRPC service.
     #[arg(long, default_value = "127.0.0.1:50051", env = "DIMPLE_LISTEN")]
     pub listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/chat/completions`, `/v1/models`,
+    /// `/tokenize`, `/health`, `/ready`).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "DIMPLE_HTTP_LISTEN")]
+    pub http_listen: SocketAddr,
+    /// One API key per line; when set, every public call (gRPC and HTTP) needs
+    /// `authorization: Bearer <key>`.
+    #[arg(long, env = "DIMPLE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Address of the HTTP `/metrics` endpoint.
     #[arg(long, default_value = "127.0.0.1:9090", env = "DIMPLE_METRICS_LISTEN")]
     pub metrics_listen: SocketAddr,
@@ -37,17 +49,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let worker = serving::start_worker(&source, &args.ranks, &args.engine, &registry)?;
     let prompt = source.prompt_builder()?;
     let images = serving::image_limits(&source.preprocess_config()?);
+    let api_keys = match &args.api_keys_file {
+        Some(path) => ApiKeys::from_file(path)
+            .with_context(|| format!("reading `--api-keys-file` {}", path.display()))?,
+        None => ApiKeys::default(),
+    };
     serving::block_on(async move {
         let shutdown = Shutdown::on_signals();
-        let worker_listener =
-            serving::bind(SocketAddr::from(([127, 0, 0, 1], 0)), "worker (internal)").await?;
-        let worker_addr = worker_listener.local_addr()?;
         let cfg = RouterConfig {
-            discovery: Discovery::Static(vec![worker_addr.to_string()]),
             images,
+            api_keys,
             ..RouterConfig::default()
         };
-        let router = Router::new(prompt, cfg, &registry)?;
+        let backend = Arc::new(LocalBackend::new(worker.clone()));
+        let router = Router::with_backend(prompt, cfg, backend, &registry)?;
         let refresh = {
             let w = worker.clone();
             let r = router.metrics_refresher();
@@ -63,23 +78,30 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         )
         .await?;
         let listener = serving::bind(args.listen, "--listen").await?;
+        let http_listener = serving::bind(args.http_listen, "--http-listen").await?;
         eprintln!(
-            "dimple serve: {} on {} (metrics on http://{}/metrics)",
+            "dimple serve: {} on {} (OpenAI-compatible HTTP on http://{}, metrics on http://{}/metrics)",
             source.name(),
             listener.local_addr()?,
+            http_listener.local_addr()?,
             args.metrics_listen
         );
-        let worker_task = tokio::spawn(dimple_worker::serve(
-            worker_listener,
-            worker,
-            ServeOptions {
-                advertise_addr: worker_addr.to_string(),
-                ..ServeOptions::default()
-            },
+        let http = tokio::spawn(dimple_router::serve_http(
+            http_listener,
+            router.http_api(),
             shutdown.wait(),
         ));
-        dimple_router::serve(listener, router, shutdown.wait()).await?;
-        worker_task.await??;
+        let drain = {
+            let worker = worker.clone();
+            let wait = shutdown.wait();
+            async move {
+                wait.await;
+                worker.begin_drain();
+            }
+        };
+        dimple_router::serve(listener, router, drain).await?;
+        http.await??;
+        worker.shutdown();
         Ok(())
     })
 }

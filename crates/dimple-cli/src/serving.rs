@@ -8,14 +8,16 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use dimple_core::image_size::ImageSizeParams;
 use dimple_core::params::DecodeLimits;
 use dimple_engine::EngineConfig;
 use dimple_model::Checkpoint;
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::telemetry::{Render, serve_metrics};
-use dimple_router::validate::ImageLimits;
-use dimple_worker::{Worker, WorkerConfig};
+use dimple_router::frontend::{Frontend, FrontendConfig};
+use dimple_router::metrics::RouterMetrics;
+use dimple_router::prompt::PromptBuilder;
+use dimple_router::validate::{ImageLimits, Validator};
+use dimple_worker::{LocalBackend, Worker, WorkerConfig};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -69,6 +71,23 @@ pub fn start_worker(
     engine: &EngineArgs,
     registry: &Registry,
 ) -> anyhow::Result<Worker> {
+    start_worker_with(
+        source,
+        ranks,
+        engine.config(),
+        source.preprocess_config()?,
+        registry,
+    )
+}
+
+/// [`start_worker`] with explicit engine and preprocessing settings.
+pub fn start_worker_with(
+    source: &ModelSource,
+    ranks: &RankArgs,
+    engine: EngineConfig,
+    preprocess: PreprocessConfig,
+    registry: &Registry,
+) -> anyhow::Result<Worker> {
     let checkpoint = match &source.0 {
         Some(dir) => Checkpoint::Dir(dir.clone()),
         None => Checkpoint::Builtin,
@@ -76,33 +95,42 @@ pub fn start_worker(
     let cfg = WorkerConfig {
         model_name: source.name(),
         default_max_new_tokens: crate::generate::default_response_len(source),
-        preprocess: source.preprocess_config()?,
+        preprocess,
         tp: ranks.tp,
     };
-    Worker::start_group(&checkpoint, ranks.group()?, engine.config(), cfg, registry).with_context(
-        || {
-            format!(
-                "starting the engine for {} on {} rank(s)",
-                source.name(),
-                ranks.tp
-            )
-        },
-    )
+    Worker::start_group(&checkpoint, ranks.group()?, engine, cfg, registry).with_context(|| {
+        format!(
+            "starting the engine for {} on {} rank(s)",
+            source.name(),
+            ranks.tp
+        )
+    })
 }
 
-/// The router's image limits from a preprocessor config (the same rule the worker applies).
-pub fn image_limits(pre: &PreprocessConfig) -> ImageLimits {
-    ImageLimits {
-        size: ImageSizeParams {
-            patch_size: pre.patch_size,
-            merge_size: pre.merge_size,
-            temporal_patch_size: pre.temporal_patch_size,
-            min_pixels: pre.min_pixels,
-            max_pixels: pre.max_pixels,
-        },
-        max_pixels: pre.max_decoded_pixels,
-    }
+/// The request front-end over an in-process worker, for commands that decode here
+/// (`generate`, `sweep`, `bench` without `--router`). `text_jobs` bounds concurrent
+/// tokenising; requests get no server-side deadline.
+pub fn local_frontend(
+    worker: Worker,
+    prompt: PromptBuilder,
+    images: ImageLimits,
+    text_jobs: usize,
+) -> anyhow::Result<Arc<Frontend>> {
+    let metrics = RouterMetrics::new(&Registry::new()).context("front-end metrics")?;
+    let cfg = FrontendConfig {
+        request_timeout: std::time::Duration::from_secs(365 * 24 * 3600),
+        text_jobs,
+        ..FrontendConfig::default()
+    };
+    Ok(Arc::new(Frontend::new(
+        Arc::new(LocalBackend::new(worker)),
+        Validator::new(Arc::new(prompt), images),
+        Arc::new(metrics),
+        cfg,
+    )))
 }
+
+pub use dimple_worker::image_limits;
 
 /// A shutdown signal shared by several servers: set once on SIGTERM or Ctrl-C.
 #[derive(Clone)]

@@ -7,17 +7,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::{DType, Device};
 use clap::Args;
-use dimple_engine::{EngineConfig, EngineEvent, EngineHandle, EngineImage, GenerateRequest};
-use dimple_model::preprocess::{PreprocessConfig, preprocess_image};
-use dimple_router::prompt::{ChatMessage, ContentPart, PromptBuilder};
+use dimple_engine::EngineConfig;
+use dimple_proto::convert::GenerateInput;
+use dimple_router::RouterError;
+use dimple_router::error::code_name;
+use dimple_router::frontend::{FrontEvent, Frontend};
 use dimple_sweep::dataset::SyntheticSpec;
 use dimple_sweep::report::OutputDir;
 use dimple_sweep::target::TargetFuture;
 use dimple_sweep::{Grid, Item, Response, RunOptions, Summary, SweepRequest, Target, TargetError};
+use prometheus::Registry;
 
-use crate::generate::answer_text;
+use crate::generate::RankArgs;
 use crate::model_source::ModelSource;
 
 /// The demo model's evaluation set, the default dataset.
@@ -104,76 +106,47 @@ pub struct BenchArgs {
     pub cache: bool,
 }
 
-/// Requests decoded by an engine in this process.
+/// Requests decoded by an engine in this process, through the same front-end as a router.
 pub struct LocalTarget {
-    engine: EngineHandle,
-    builder: PromptBuilder,
-    pre: PreprocessConfig,
-    eos: u32,
+    frontend: Arc<Frontend>,
+    worker: dimple_worker::Worker,
 }
 
 impl LocalTarget {
     pub fn start(source: &ModelSource) -> anyhow::Result<Self> {
-        let model = source.load_model(DType::F32, &Device::Cpu)?;
-        let eos = model.config().eos_token_id;
-        let engine = dimple_engine::start(
-            model,
-            EngineConfig {
-                max_active: 64,
-                max_waiting: 4096,
-                ..EngineConfig::default()
-            },
-            None,
-        );
-        Ok(Self {
-            engine,
-            builder: source.prompt_builder()?,
-            pre: source.preprocess_config()?,
-            eos,
-        })
-    }
-
-    fn request(&self, req: &SweepRequest) -> Result<GenerateRequest, TargetError> {
-        let invalid = |m: String| TargetError {
-            code: "INVALID_ARGUMENT".into(),
-            message: m,
+        let engine = EngineConfig {
+            max_active: 64,
+            max_waiting: 4096,
+            ..EngineConfig::default()
         };
-        let mut images = Vec::new();
-        for bytes in &req.item.images {
-            images.push(preprocess_image(bytes, &self.pre).map_err(|e| invalid(e.to_string()))?);
-        }
-        let counts: Vec<usize> = images
-            .iter()
-            .map(|i| i.num_image_tokens(self.pre.merge_size as usize))
-            .collect();
-        let last_user = req.item.turns.iter().rposition(|t| t.role == "user");
-        let messages: Vec<ChatMessage> = req
-            .item
-            .turns
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                if Some(i) == last_user && !images.is_empty() {
-                    let mut parts: Vec<ContentPart> =
-                        images.iter().map(|_| ContentPart::Image).collect();
-                    parts.push(ContentPart::text(t.content.clone()));
-                    ChatMessage::parts(t.role.clone(), parts)
-                } else {
-                    ChatMessage::text(t.role.clone(), t.content.clone())
-                }
-            })
-            .collect();
-        let ids = self
-            .builder
-            .build(&messages, &counts)
-            .map_err(|e| invalid(e.to_string()))?
-            .ids;
-        Ok(GenerateRequest {
-            prompt_ids: ids,
-            images: images.into_iter().map(EngineImage::from).collect(),
-            params: req.params.clone(),
-            deadline: None,
-        })
+        let ranks = RankArgs {
+            tp: 1,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+        };
+        let pre = source.preprocess_config()?;
+        let images = crate::serving::image_limits(&pre);
+        let worker =
+            crate::serving::start_worker_with(source, &ranks, engine, pre, &Registry::new())?;
+        let frontend =
+            crate::serving::local_frontend(worker.clone(), source.prompt_builder()?, images, 4096)?;
+        Ok(Self { frontend, worker })
+    }
+}
+
+impl Drop for LocalTarget {
+    fn drop(&mut self) {
+        self.worker.shutdown();
+    }
+}
+
+fn target_error(e: RouterError) -> TargetError {
+    TargetError {
+        code: code_name(e.code()).into(),
+        message: match e {
+            RouterError::Worker(s) => s.message().to_owned(),
+            e => e.to_string(),
+        },
     }
 }
 
@@ -181,53 +154,32 @@ impl Target for LocalTarget {
     fn generate(&self, req: SweepRequest) -> TargetFuture<'_> {
         Box::pin(async move {
             let sent = Instant::now();
-            let request = self.request(&req)?;
-            let tokens = request.params.max_new_tokens;
-            let mut rx = self.engine.submit(request).map_err(|e| TargetError {
-                code: match e {
-                    dimple_engine::EngineError::QueueFull { .. }
-                    | dimple_engine::EngineError::CacheImpossible { .. } => {
-                        "RESOURCE_EXHAUSTED".into()
-                    }
-                    dimple_engine::EngineError::Unavailable(_) => "UNAVAILABLE".into(),
-                    dimple_engine::EngineError::Model(_) => "INTERNAL".into(),
-                    _ => "INVALID_ARGUMENT".into(),
-                },
-                message: e.to_string(),
-            })?;
+            let input = GenerateInput::try_from(RouterTarget::request(&req))
+                .map_err(|e| target_error(e.into()))?;
+            let prepared = self.frontend.prepare(input).await.map_err(target_error)?;
+            let mut events = self.frontend.stream(prepared, self.frontend.deadline(None));
             let mut first = None;
             loop {
-                match rx.recv().await {
-                    Some(EngineEvent::Step { committed, .. }) => {
-                        if first.is_none() && !committed.is_empty() {
+                match events.recv().await {
+                    Some(Ok(FrontEvent::Step(s))) => {
+                        if first.is_none() && !s.committed.is_empty() {
                             first = Some(sent.elapsed());
                         }
                     }
-                    Some(EngineEvent::Finished(f)) => {
-                        let text =
-                            answer_text(&self.builder, &f.response_ids, self.eos).map_err(|e| {
-                                TargetError {
-                                    code: "INTERNAL".into(),
-                                    message: e.to_string(),
-                                }
-                            })?;
+                    Some(Ok(FrontEvent::Final(a))) => {
                         return Ok(Response {
-                            text,
-                            steps: f.steps,
-                            tokens,
+                            text: a.text,
+                            steps: a.steps as usize,
+                            tokens: a.token_ids.len(),
                             first_commit: first,
                         });
                     }
-                    Some(EngineEvent::Failed(e)) => {
-                        return Err(TargetError {
-                            code: "INTERNAL".into(),
-                            message: e.to_string(),
-                        });
-                    }
+                    Some(Ok(FrontEvent::Started(_))) => {}
+                    Some(Err(e)) => return Err(target_error(e)),
                     None => {
                         return Err(TargetError {
                             code: "UNAVAILABLE".into(),
-                            message: "engine stopped".into(),
+                            message: "the stream ended without an answer".into(),
                         });
                     }
                 }
@@ -294,12 +246,14 @@ impl RouterTarget {
                 use_original_confidence: Some(p.use_original_confidence),
                 seed: Some(p.seed),
                 use_cache: Some(p.use_cache),
+                stop: Vec::new(),
                 block_length: p.block_length.map(|n| n as u32),
                 cache_mode: p.cache.map(|c| c.as_str().to_owned()).unwrap_or_default(),
             }),
             prior: None,
             stream: None,
             request_id: String::new(),
+            allow_special_tokens: false,
         }
     }
 }
@@ -309,7 +263,7 @@ impl Target for RouterTarget {
         use dimple_proto::v1::generate_stream_response::Event;
         Box::pin(async move {
             let status = |s: tonic::Status| TargetError {
-                code: format!("{:?}", s.code()).to_uppercase(),
+                code: code_name(s.code()).into(),
                 message: s.message().to_string(),
             };
             let sent = Instant::now();

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 use dimple_proto::discovery::DEFAULT_PREFIX;
 use dimple_worker::{EtcdConfig, ServeOptions};
@@ -54,6 +55,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let registry = Registry::new();
     // The model loads before the runtime starts: it is blocking work.
     let worker = serving::start_worker(&source, &args.ranks, &args.engine, &registry)?;
+    let prompt_assets = match &args.model {
+        Some(dir) => dimple_worker::assets::from_dir(&source.name(), dir)
+            .with_context(|| format!("reading the prompt assets of {}", dir.display()))?,
+        None => dimple_worker::assets::builtin(),
+    };
     serving::block_on(async move {
         let shutdown = Shutdown::on_signals();
         let refresh = {
@@ -81,6 +87,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             advertise_addr,
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             max_message_bytes: args.max_message_bytes,
+            prompt_assets: Some(std::sync::Arc::new(prompt_assets)),
         };
         eprintln!(
             "dimple worker: {} on {} (metrics on {})",

@@ -773,6 +773,7 @@ async fn model_info_tokenize_and_template_priors() {
     let tok = client
         .tokenize(v1::TokenizeRequest {
             input: Some(v1::tokenize_request::Input::Text(text.into())),
+            ..Default::default()
         })
         .await
         .unwrap()

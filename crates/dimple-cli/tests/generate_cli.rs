@@ -1,7 +1,8 @@
 //! `dimple generate` end to end: the real binary, run on the golden checkpoint with the
 //! golden prompts and flags, prints the reference's response, step count and step history;
 //! on the built-in demo model it answers a question; bad flags fail with a message that
-//! names the flag.
+//! names the flag. `dimple bench-random` on a small random model checks batch invariance
+//! and reports every level.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -305,4 +306,91 @@ fn block_and_cache_mode_flags() {
         before = row;
     }
     assert_eq!(out["finish_reason"], "completed");
+}
+
+#[test]
+fn bench_random_checks_invariance_and_reports_each_level() {
+    let out = Command::new(env!("CARGO_BIN_EXE_dimple"))
+        .env_remove("DIMPLE_TP")
+        .env_remove("DIMPLE_DEVICE")
+        .env_remove("DIMPLE_DTYPE")
+        .args([
+            "bench-random",
+            "--shape",
+            "small",
+            "--device",
+            "cpu",
+            "--concurrency",
+            "1,3",
+            "--prompt-tokens",
+            "12",
+            "--response-tokens",
+            "8",
+            "--steps",
+            "4",
+            "--modes",
+            "exact,cached",
+            "--check-invariance",
+            "3",
+            "--peak-tflops",
+            "1",
+            "--matmul-seconds",
+            "0.02",
+        ])
+        .output()
+        .expect("the dimple binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "bench-random failed:\n{stdout}\n{stderr}"
+    );
+    for mode in ["exact", "cached"] {
+        assert!(
+            stdout.contains(&format!(
+                "batch invariance ({mode}): alone and with 3 others, the same 8 tokens"
+            )),
+            "{stdout}"
+        );
+    }
+    assert!(stdout.contains("best:"), "no matmul rate: {stdout}");
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| exact |") || l.starts_with("| cached |"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 4, "one row per mode and level: {stdout}");
+    for r in &rows {
+        // | mode | concurrency | forward passes | ... | useful GFLOP/s | of matmul best | MFU |
+        let passes: usize = r[3].parse().expect("forward passes");
+        let slots_per_s: f64 = r[7].parse().expect("slots/s");
+        let gflops: f64 = r[8].parse().expect("useful GFLOP/s");
+        assert!(passes >= 4, "4 steps per request: {r:?}");
+        assert!(slots_per_s > 0.0 && gflops > 0.0, "{r:?}");
+        assert!(r[9].ends_with('%') && r[10].ends_with('%'), "{r:?}");
+    }
+}
+
+#[test]
+fn prior_templates_decode_in_process() {
+    // The front-end tokenises the template into fixed slots, in-process as on a router.
+    let builder = dimple_router::prompt::PromptBuilder::builtin().unwrap();
+    let out = demo(&["--prior-template", "ab<mask>c"]);
+    let got = ids(&out["response_ids"]);
+    let ab: Vec<u64> = builder
+        .encode_text("ab")
+        .unwrap()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    let c: Vec<u64> = builder
+        .encode_text("c")
+        .unwrap()
+        .into_iter()
+        .map(u64::from)
+        .collect();
+    assert_eq!(got[..ab.len()], ab[..]);
+    assert_eq!(got[ab.len() + 1..ab.len() + 1 + c.len()], c[..]);
+    let first = ids(&out["history"][0]);
+    assert_eq!(first[..ab.len()], ab[..], "fixed before the first step");
 }

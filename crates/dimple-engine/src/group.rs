@@ -33,6 +33,7 @@ use dimple_model::tp::{Comm, CommError, LocalComm, SingleComm};
 use dimple_model::{
     Checkpoint, DimpleConfig, DimpleModel, KvCache, LogitRows, ModelError, SeqInput,
 };
+use rayon::prelude::*;
 
 use crate::EngineError;
 use crate::engine::EngineImage;
@@ -752,12 +753,21 @@ impl Rank {
                 Scoring::Greedy(kind) => {
                     let need_slice = kind == ConfidenceKind::NegEntropy;
                     if on_host {
-                        for row in rows.to_vec2::<f32>()? {
-                            stats.extend_from_slice(&slice_stats(&row, offset));
+                        // One pass over each row's vocabulary slice, the rows spread over
+                        // the rank's threads (each row's statistic is computed alone, so
+                        // the result does not depend on the split).
+                        let (_, width) = rows.dims2()?;
+                        let flat: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+                        let row_stats: Vec<[f64; STATS]> = flat
+                            .par_chunks(width.max(1))
+                            .map(|row| slice_stats(row, offset))
+                            .collect();
+                        for (i, st) in row_stats.iter().enumerate() {
+                            stats.extend_from_slice(st);
                             greedy_rows.push(GreedyRow {
                                 seq: k,
                                 kind,
-                                host: need_slice.then_some(row),
+                                host: need_slice.then(|| flat[i * width..(i + 1) * width].to_vec()),
                                 device: None,
                             });
                         }

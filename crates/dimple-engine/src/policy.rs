@@ -312,21 +312,37 @@ fn sample_index<R: Rng + ?Sized>(z: &[f32], st: &RowStats, rng: &mut R) -> Optio
 
 /// Official `top_p_logits`: keep the smallest prefix of the sorted distribution whose mass
 /// exceeds `top_p` (the top token always stays); the rest become `f32::MIN`.
+///
+/// Only the head of the order is ever needed: the largest few values are selected and
+/// sorted first, and the selection widens only while their mass stays at or below
+/// `top_p`. The order (value descending, lower index first among ties) is total, so the
+/// kept set and the running sum are those of a full sort.
 fn keep_top_p(z: &mut [f32], top_p: f32) {
-    let mut order: Vec<usize> = (0..z.len()).collect();
-    order.sort_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
     let st = RowStats::of(z);
     let inv = st.inv_sum();
-    // torch's cumsum accumulates f32 inputs in f64 and stores f32.
-    let mut cum = 0.0f64;
-    let mut kept = order.len();
-    for (rank, &i) in order.iter().enumerate() {
-        cum += f64::from((z[i] - st.max).exp() * inv);
-        if cum as f32 > top_p {
-            kept = rank + 1;
-            break;
+    let mut order: Vec<usize> = (0..z.len()).collect();
+    let n = order.len();
+    let mut head = n.min(64);
+    let kept = loop {
+        {
+            let by_rank = |a: &usize, b: &usize| z[*b].total_cmp(&z[*a]).then(a.cmp(b));
+            if head > 0 && head < n {
+                order.select_nth_unstable_by(head - 1, by_rank);
+            }
+            order[..head].sort_by(by_rank);
         }
-    }
+        // torch's cumsum accumulates f32 inputs in f64 and stores f32.
+        let mut cum = 0.0f64;
+        let found = order[..head].iter().enumerate().find_map(|(rank, &i)| {
+            cum += f64::from((z[i] - st.max).exp() * inv);
+            (cum as f32 > top_p).then_some(rank + 1)
+        });
+        match found {
+            Some(kept) => break kept,
+            None if head == n => break n,
+            None => head = (head * 4).min(n),
+        }
+    };
     for &i in &order[kept..] {
         z[i] = f32::MIN;
     }
@@ -675,6 +691,45 @@ mod tests {
 
     fn conf(alg: Alg, f: impl FnOnce(&mut DecodeParams)) -> SlotScore {
         scorer(alg, f).score(&row(), &mut request_rng(0)).unwrap()
+    }
+
+    /// The plain rule: sort the whole row, walk the cumulative mass.
+    fn keep_top_p_by_full_sort(z: &mut [f32], top_p: f32) {
+        let mut order: Vec<usize> = (0..z.len()).collect();
+        order.sort_by(|&a, &b| z[b].total_cmp(&z[a]).then(a.cmp(&b)));
+        let st = RowStats::of(z);
+        let inv = st.inv_sum();
+        let mut cum = 0.0f64;
+        let mut kept = order.len();
+        for (rank, &i) in order.iter().enumerate() {
+            cum += f64::from((z[i] - st.max).exp() * inv);
+            if cum as f32 > top_p {
+                kept = rank + 1;
+                break;
+            }
+        }
+        for &i in &order[kept..] {
+            z[i] = f32::MIN;
+        }
+    }
+
+    #[test]
+    fn top_p_from_the_head_equals_a_full_sort() {
+        let mut rng = request_rng(11);
+        for case in 0..60 {
+            let n = [1, 3, 64, 65, 300, 5000][case % 6];
+            // Peaked, flat and tied rows: the kept set ranges from one token to all.
+            let spread = [0.05f32, 1.0, 8.0][case % 3];
+            let row: Vec<f32> = (0..n)
+                .map(|_| (rng.random::<f32>() * spread * 4.0).round() / 4.0)
+                .collect();
+            for top_p in [0.0f32, 0.3, 0.9, 0.999, 1.0] {
+                let (mut a, mut b) = (row.clone(), row.clone());
+                keep_top_p(&mut a, top_p);
+                keep_top_p_by_full_sort(&mut b, top_p);
+                assert_eq!(a, b, "n {n}, spread {spread}, top_p {top_p}");
+            }
+        }
     }
 
     #[test]

@@ -79,10 +79,43 @@ pub(crate) struct Mat {
     pub stride: usize,
 }
 
-/// `out[m, n] (+)= x[m, k] * w[n, k]^T`, with `x`, `w` and `out` row-major at the given
-/// strides. `accumulate` adds to what `out` holds.
+/// `out[m, n] (+)= x[m, k] * w[k, n]` with `w` a layer's transposed weight: row-major
+/// `x` and `out` at the given strides, contiguous `w`. `accumulate` adds to what `out`
+/// holds.
 ///
 /// Panics (a bug, not an input error) when a view reaches outside its slice.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    x: &[f32],
+    xm: Mat,
+    w: &[f32],
+    wm: Mat,
+    out: &mut [f32],
+    out_stride: usize,
+    accumulate: bool,
+    par: bool,
+) {
+    let (k, n) = (xm.cols, wm.cols);
+    assert_eq!(wm.rows, k, "inner dimensions differ");
+    assert!(
+        wm.rows * wm.stride <= w.len() && wm.cols <= wm.stride,
+        "rhs outside its data"
+    );
+    gemm_into(
+        x,
+        xm,
+        w.as_ptr(),
+        (wm.stride as isize, 1),
+        n,
+        out,
+        out_stride,
+        accumulate,
+        par,
+    );
+}
+
+/// `out[m, n] (+)= x[m, k] * w[n, k]^T` (`w` rows at stride `wm.stride`): a product against
+/// keys stored one per row.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_t(
     x: &[f32],
@@ -94,21 +127,60 @@ pub(crate) fn matmul_t(
     accumulate: bool,
     par: bool,
 ) {
-    let (m, k, n) = (xm.rows, xm.cols, wm.rows);
+    let (k, n) = (xm.cols, wm.rows);
     assert_eq!(wm.cols, k, "inner dimensions differ");
+    if n > 0 {
+        assert!(
+            wm.stride * (n - 1) + k <= w.len(),
+            "rhs view outside its data"
+        );
+    }
+    gemm_into(
+        x,
+        xm,
+        w.as_ptr(),
+        (1, wm.stride as isize),
+        n,
+        out,
+        out_stride,
+        accumulate,
+        par,
+    );
+}
+
+/// The shared body of the products: `rhs` addresses element (kk, j) at
+/// `kk * rhs_strides.0 + j * rhs_strides.1` (checked by the callers).
+#[allow(clippy::too_many_arguments)]
+fn gemm_into(
+    x: &[f32],
+    xm: Mat,
+    rhs: *const f32,
+    rhs_strides: (isize, isize),
+    n: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    accumulate: bool,
+    par: bool,
+) {
+    let (m, k) = (xm.rows, xm.cols);
     if m == 0 || n == 0 {
         return;
     }
-    assert!(xm.stride * (m - 1) + k <= x.len(), "lhs view outside its data");
-    assert!(wm.stride * (n - 1) + k <= w.len(), "rhs view outside its data");
-    assert!(out_stride * (m - 1) + n <= out.len(), "destination outside its data");
+    assert!(
+        xm.stride * (m - 1) + k <= x.len(),
+        "lhs view outside its data"
+    );
+    assert!(
+        out_stride * (m - 1) + n <= out.len(),
+        "destination outside its data"
+    );
     let parallelism = if par {
         parallelism(m * n * k)
     } else {
         Parallelism::None
     };
-    // SAFETY: the asserts above keep every element the views address inside the slices,
-    // `out` is borrowed mutably and does not alias `x` or `w`.
+    // SAFETY: the asserts here and in the callers keep every element the views address
+    // inside their slices; `out` is borrowed mutably and does not alias the operands.
     unsafe {
         gemm::gemm(
             m,
@@ -121,9 +193,9 @@ pub(crate) fn matmul_t(
             x.as_ptr(),
             1,
             xm.stride as isize,
-            w.as_ptr(),
-            wm.stride as isize,
-            1,
+            rhs,
+            rhs_strides.1,
+            rhs_strides.0,
             1.0f32,
             1.0f32,
             false,
@@ -150,8 +222,14 @@ fn matmul_nn(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    assert!(pm.stride * (m - 1) + k <= p.len(), "lhs view outside its data");
-    assert!(v_stride * (k - 1) + n <= v.len(), "rhs view outside its data");
+    assert!(
+        pm.stride * (m - 1) + k <= p.len(),
+        "lhs view outside its data"
+    );
+    assert!(
+        v_stride * (k - 1) + n <= v.len(),
+        "rhs view outside its data"
+    );
     // SAFETY: the views stay inside `p` and `v` (asserted); the caller guarantees `out`
     // addresses `m` rows of `n` values `out_stride` apart that nothing else touches.
     unsafe {

@@ -19,7 +19,9 @@ pub mod weights;
 pub use config::{DimpleConfig, VisionConfig};
 pub use model::{Checkpoint, DimpleModel};
 pub use rope_index::{RopeIndex, rope_index};
-pub use text::{KvCache, LogitRows, SeqInput, SeqOutput, TextModel, kv_cache_bytes, kv_cache_bytes_per_rank};
+pub use text::{
+    KvCache, LogitRows, SeqInput, SeqOutput, TextModel, kv_cache_bytes, kv_cache_bytes_per_rank,
+};
 pub use tp::{Comm, CommError, LocalComm, SingleComm, TpLayout, check_degree, valid_degrees};
 
 /// Errors from loading or running the model.

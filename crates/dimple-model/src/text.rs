@@ -159,7 +159,15 @@ struct Rope {
     inv_freq: Vec<f32>,
     /// For each of the head_dim/2 frequencies, which position component (t, h, w) drives it.
     component: Vec<usize>,
+    /// cos and sin of `p * inv_freq[j]` for every position component value `p` below
+    /// [`ROPE_TABLE_POSITIONS`], `head_dim/2` values per `p`: a step looks its rows up
+    /// instead of evaluating them again (the same f32 expressions, so the same values).
+    cos_by_pos: Vec<f32>,
+    sin_by_pos: Vec<f32>,
 }
+
+/// Position values whose rotary rows are tabulated at load (beyond: computed per step).
+const ROPE_TABLE_POSITIONS: usize = 8192;
 
 impl Rope {
     fn new(cfg: &DimpleConfig) -> Self {
@@ -172,9 +180,22 @@ impl Rope {
         for (c, &n) in cfg.mrope_section().iter().enumerate() {
             component.extend(std::iter::repeat_n(c, n));
         }
+        let tabulated = cfg.max_position_embeddings.clamp(1, ROPE_TABLE_POSITIONS);
+        let half = inv_freq.len();
+        let mut cos_by_pos = Vec::with_capacity(tabulated * half);
+        let mut sin_by_pos = Vec::with_capacity(tabulated * half);
+        for p in 0..tabulated {
+            for f in &inv_freq {
+                let angle = p as f32 * f;
+                cos_by_pos.push(angle.cos());
+                sin_by_pos.push(angle.sin());
+            }
+        }
         Self {
             inv_freq,
             component,
+            cos_by_pos,
+            sin_by_pos,
         }
     }
 
@@ -183,11 +204,19 @@ impl Rope {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(positions.len() * half);
         let mut sin = Vec::with_capacity(positions.len() * half);
+        let tabulated = (self.cos_by_pos.len() / half.max(1)) as i64;
         for p in positions {
             for j in 0..half {
-                let angle = p[self.component[j]] as f32 * self.inv_freq[j];
-                cos.push(angle.cos());
-                sin.push(angle.sin());
+                let v = p[self.component[j]];
+                if (0..tabulated).contains(&v) {
+                    let at = v as usize * half + j;
+                    cos.push(self.cos_by_pos[at]);
+                    sin.push(self.sin_by_pos[at]);
+                } else {
+                    let angle = v as f32 * self.inv_freq[j];
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
             }
         }
         (cos, sin)
@@ -206,6 +235,27 @@ impl Rope {
         let sin = Tensor::from_vec(sin, (positions.len(), half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
+}
+
+/// Each sequence's logits rows (packed in `logits`, in sequence order) and kept cache.
+fn split_outputs(
+    seqs: &[SeqInput<'_>],
+    logits: &Tensor,
+    caches: Vec<Vec<(Tensor, Tensor)>>,
+    suffix_caches: Vec<Vec<(Tensor, Tensor)>>,
+) -> Result<Vec<SeqOutput>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut off = 0;
+    for ((s, layers), suffix) in seqs.iter().zip(caches).zip(suffix_caches) {
+        let r = s.logit_rows.len();
+        out.push(SeqOutput {
+            logits: logits.narrow(0, off, r)?,
+            cache: (s.keep_prefix > 0).then_some(KvCache { layers }),
+            suffix_cache: (s.keep_suffix > 0).then_some(KvCache { layers: suffix }),
+        });
+        off += r;
+    }
+    Ok(out)
 }
 
 /// Attention over the rank's heads (all of them in a group of one).
@@ -292,11 +342,14 @@ impl TextModel {
             let p = l.pp("mlp");
             let inter = cfg.intermediate_size;
             let q = ColumnParallelLinear::load(&a.pp("q_proj"), h, nh * hd, true, q_rows.clone())?;
-            let k = ColumnParallelLinear::load(&a.pp("k_proj"), h, nkv * hd, true, kv_rows.clone())?;
-            let v = ColumnParallelLinear::load(&a.pp("v_proj"), h, nkv * hd, true, kv_rows.clone())?;
+            let k =
+                ColumnParallelLinear::load(&a.pp("k_proj"), h, nkv * hd, true, kv_rows.clone())?;
+            let v =
+                ColumnParallelLinear::load(&a.pp("v_proj"), h, nkv * hd, true, kv_rows.clone())?;
             let gate =
                 ColumnParallelLinear::load(&p.pp("gate_proj"), h, inter, false, mlp_cols.clone())?;
-            let up = ColumnParallelLinear::load(&p.pp("up_proj"), h, inter, false, mlp_cols.clone())?;
+            let up =
+                ColumnParallelLinear::load(&p.pp("up_proj"), h, inter, false, mlp_cols.clone())?;
             layers.push(Layer {
                 attn: Attention {
                     qkv: ColumnParallelLinear::fuse(&[q, k, v])?,
@@ -330,7 +383,7 @@ impl TextModel {
         }
         let norm = RmsNorm::load(&m.pp("norm"), h, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
-            ColumnParallelLinear::from_linear(Linear::from_parts(embed.shard_weight()?, None))
+            ColumnParallelLinear::from_linear(Linear::from_parts(embed.shard_weight()?, None)?)
         } else {
             ColumnParallelLinear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false, vocab)?
         };
@@ -565,24 +618,7 @@ impl TextModel {
                 .forward(&xs.index_select(&idx, 0)?)?
                 .to_dtype(DType::F32)?
         };
-        let mut out = Vec::with_capacity(seqs.len());
-        let mut off = 0;
-        for (n, s) in seqs.iter().enumerate() {
-            let r = s.logit_rows.len();
-            let cache = (s.keep_prefix > 0).then(|| KvCache {
-                layers: std::mem::take(&mut caches[n]),
-            });
-            let suffix_cache = (s.keep_suffix > 0).then(|| KvCache {
-                layers: std::mem::take(&mut suffix_caches[n]),
-            });
-            out.push(SeqOutput {
-                logits: logits.narrow(0, off, r)?,
-                cache,
-                suffix_cache,
-            });
-            off += r;
-        }
-        Ok(out)
+        split_outputs(seqs, &logits, caches, suffix_caches)
     }
 
     /// [`TextModel::forward`] in f32 on the CPU, over reused host buffers (see `crate::cpu`).
@@ -639,11 +675,11 @@ impl TextModel {
             let m = &layer.mlp;
             let mut tensors = vec![
                 layer.input_norm.weight(),
-                a.qkv.linear().weight(),
+                a.qkv.linear().weight_t(),
                 layer.post_norm.weight(),
-                a.o.linear().weight(),
-                m.gate_up.linear().weight(),
-                m.down.linear().weight(),
+                a.o.linear().weight_t(),
+                m.gate_up.linear().weight_t(),
+                m.down.linear().weight_t(),
             ];
             let qkv_bias = a.qkv.linear().bias().map(|b| {
                 tensors.push(b);
@@ -670,11 +706,11 @@ impl TextModel {
             }
             let host = HostTensors::new(&tensors)?;
             rms_norm(&xs, host.slice(0)?, layer.input_norm.eps(), &mut normed);
-            cpu::matmul_t(
+            cpu::matmul(
                 &normed,
                 plain(total, h),
                 host.slice(1)?,
-                plain(qw, h),
+                plain(h, qw),
                 &mut qkv,
                 qw,
                 false,
@@ -714,11 +750,11 @@ impl TextModel {
             }
             cpu::attention(&qkv, lay, &keys, &mut att)?;
             drop(keys);
-            cpu::matmul_t(
+            cpu::matmul(
                 &att,
                 plain(total, ow),
                 host.slice(3)?,
-                plain(h, ow),
+                plain(ow, h),
                 &mut proj,
                 h,
                 false,
@@ -729,22 +765,22 @@ impl TextModel {
                 *x += p;
             }
             rms_norm(&xs, host.slice(2)?, layer.post_norm.eps(), &mut normed);
-            cpu::matmul_t(
+            cpu::matmul(
                 &normed,
                 plain(total, h),
                 host.slice(4)?,
-                plain(2 * inter, h),
+                plain(h, 2 * inter),
                 &mut gu,
                 2 * inter,
                 false,
                 true,
             );
             silu_mul(&gu, inter, &mut act);
-            cpu::matmul_t(
+            cpu::matmul(
                 &act,
                 plain(total, inter),
                 host.slice(5)?,
-                plain(h, inter),
+                plain(inter, h),
                 &mut proj,
                 h,
                 false,
@@ -776,18 +812,18 @@ impl TextModel {
             dst.copy_from_slice(&normed[r * h..(r + 1) * h]);
         }
         let lm = self.lm_head.linear();
-        let mut tensors = vec![lm.weight()];
+        let mut tensors = vec![lm.weight_t()];
         if let Some(b) = lm.bias() {
             tensors.push(b);
         }
         let host = HostTensors::new(&tensors)?;
-        let vocab = lm.weight().dims()[0];
+        let vocab = lm.weight_t().dims()[1];
         let mut logits = vec![0f32; picked.len() * vocab];
-        cpu::matmul_t(
+        cpu::matmul(
             &lm_in,
             plain(picked.len(), h),
             host.slice(0)?,
-            plain(vocab, h),
+            plain(h, vocab),
             &mut logits,
             vocab,
             false,
@@ -798,24 +834,7 @@ impl TextModel {
         }
         drop(host);
         let logits = Tensor::from_vec(logits, (picked.len(), vocab), &Device::Cpu)?;
-        let mut out = Vec::with_capacity(seqs.len());
-        let mut off = 0;
-        for (n, s) in seqs.iter().enumerate() {
-            let r = s.logit_rows.len();
-            let cache = (s.keep_prefix > 0).then(|| KvCache {
-                layers: std::mem::take(&mut caches[n]),
-            });
-            let suffix_cache = (s.keep_suffix > 0).then(|| KvCache {
-                layers: std::mem::take(&mut suffix_caches[n]),
-            });
-            out.push(SeqOutput {
-                logits: logits.narrow(0, off, r)?,
-                cache,
-                suffix_cache,
-            });
-            off += r;
-        }
-        Ok(out)
+        split_outputs(seqs, &logits, caches, suffix_caches)
     }
 
     /// Keys and values `[kv_heads, keep, hd]` of the `keep` packed rows from `row` on
@@ -847,7 +866,12 @@ impl TextModel {
 
     /// Completes a row-parallel product held in `partial` (`[rows, hidden]`): the sum over
     /// the group's ranks, then the layer's bias.
-    fn reduce_rows(&self, layer: &RowParallelLinear, partial: &mut [f32], rows: usize) -> Result<()> {
+    fn reduce_rows(
+        &self,
+        layer: &RowParallelLinear,
+        partial: &mut [f32],
+        rows: usize,
+    ) -> Result<()> {
         let h = self.cfg.hidden_size;
         if layer.comm().world_size() > 1 {
             let t = Tensor::from_slice(partial, (rows, h), &Device::Cpu)?;

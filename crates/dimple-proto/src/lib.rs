@@ -7,6 +7,7 @@
 //! Proto types stop at the service edge: a request is converted once, by the `TryFrom`
 //! impls in [`convert`], and everything behind it uses the converted types.
 
+pub mod assets;
 pub mod convert;
 pub mod deadline;
 pub mod discovery;

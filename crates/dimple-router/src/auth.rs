@@ -38,13 +38,20 @@ impl ApiKeys {
 
     /// The interceptor check.
     pub fn check(&self, req: Request<()>) -> Result<Request<()>, Status> {
-        if self.0.is_empty() {
-            return Ok(req);
-        }
-        let given = req
+        let header = req
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.to_str().ok());
+        self.check_header(header)?;
+        Ok(req)
+    }
+
+    /// Checks an `authorization` header value (gRPC metadata or HTTP header).
+    pub fn check_header(&self, header: Option<&str>) -> Result<(), Status> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let given = header
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| Status::unauthenticated("`authorization: Bearer <key>` is required"))?;
         // Compare against every key without stopping early, so timing does not tell which
@@ -53,7 +60,7 @@ impl ApiKeys {
             acc | constant_time_eq(k.as_bytes(), given.as_bytes())
         });
         if ok {
-            Ok(req)
+            Ok(())
         } else {
             Err(Status::unauthenticated("the API key is not valid"))
         }

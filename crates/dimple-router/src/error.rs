@@ -1,4 +1,4 @@
-//! The router's errors and their one mapping to gRPC statuses.
+//! The router's errors and their one mapping to status codes (gRPC, and HTTP through it).
 
 use dimple_core::params::ParamError;
 use dimple_proto::convert::ConvertError;
@@ -16,6 +16,8 @@ pub enum RouterError {
     /// A field that can never be served as given; the message names it and the limit.
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Unauthenticated(String),
     #[error("no workers are available")]
     NoWorkers,
     #[error("{0}")]
@@ -35,12 +37,13 @@ pub enum RouterError {
     Setup(String),
 }
 
-impl From<RouterError> for tonic::Status {
-    fn from(e: RouterError) -> Self {
-        use tonic::Status;
-        let msg = e.to_string();
-        match e {
-            RouterError::Convert(c) => c.into(),
+impl RouterError {
+    /// The one mapping from errors to status codes; gRPC answers with it directly and the
+    /// HTTP API through [`http_status`].
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            RouterError::Convert(_) => Code::InvalidArgument,
             RouterError::Prompt(p) => match p {
                 PromptError::EmptyConversation
                 | PromptError::ImageCountMismatch { .. }
@@ -49,22 +52,74 @@ impl From<RouterError> for tonic::Status {
                 | PromptError::Tokenize { .. }
                 | PromptError::UnknownTokenId { .. }
                 | PromptError::RenderTemplate { .. }
-                | PromptError::MissingSpecialToken { .. } => Status::invalid_argument(msg),
+                | PromptError::MissingSpecialToken { .. } => Code::InvalidArgument,
                 PromptError::LoadTokenizer { .. }
                 | PromptError::ReadFile { .. }
                 | PromptError::ParseJson { .. }
                 | PromptError::BadChatTemplateField { .. }
                 | PromptError::CompileTemplate { .. }
-                | PromptError::Decode { .. } => Status::internal(msg),
+                | PromptError::Decode { .. } => Code::Internal,
             },
-            RouterError::Params(_) | RouterError::Invalid(_) => Status::invalid_argument(msg),
-            RouterError::NoWorkers | RouterError::Unavailable(_) => Status::unavailable(msg),
-            RouterError::Exhausted(_) => Status::resource_exhausted(msg),
-            RouterError::Deadline(_) => Status::deadline_exceeded(msg),
-            RouterError::Cancelled => Status::cancelled(msg),
-            RouterError::Worker(s) => s,
-            RouterError::Internal(_) | RouterError::Setup(_) => Status::internal(msg),
+            RouterError::Params(_) | RouterError::Invalid(_) => Code::InvalidArgument,
+            RouterError::Unauthenticated(_) => Code::Unauthenticated,
+            RouterError::NoWorkers | RouterError::Unavailable(_) => Code::Unavailable,
+            RouterError::Exhausted(_) => Code::ResourceExhausted,
+            RouterError::Deadline(_) => Code::DeadlineExceeded,
+            RouterError::Cancelled => Code::Cancelled,
+            RouterError::Worker(s) => s.code(),
+            RouterError::Internal(_) | RouterError::Setup(_) => Code::Internal,
         }
+    }
+}
+
+impl From<RouterError> for tonic::Status {
+    fn from(e: RouterError) -> Self {
+        match e {
+            RouterError::Worker(s) => s,
+            e => tonic::Status::new(e.code(), e.to_string()),
+        }
+    }
+}
+
+/// The HTTP status of a gRPC code (the HTTP API answers errors with it).
+pub fn http_status(code: tonic::Code) -> u16 {
+    use tonic::Code;
+    match code {
+        Code::Ok => 200,
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => 400,
+        Code::Unauthenticated => 401,
+        Code::PermissionDenied => 403,
+        Code::NotFound => 404,
+        Code::ResourceExhausted => 429,
+        // The client went away; nobody reads this (nginx's "client closed request").
+        Code::Cancelled => 499,
+        Code::Unavailable => 503,
+        Code::DeadlineExceeded => 504,
+        _ => 500,
+    }
+}
+
+/// The canonical spelling of a code (`INVALID_ARGUMENT`), as in the gRPC specification.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
     }
 }
 
@@ -85,6 +140,12 @@ mod tests {
         .into_status();
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
         assert!(s.message().contains("max_prompt_tokens"), "{}", s.message());
+        assert_eq!(http_status(tonic::Code::InvalidArgument), 400);
+        assert_eq!(http_status(tonic::Code::Unauthenticated), 401);
+        assert_eq!(http_status(tonic::Code::ResourceExhausted), 429);
+        assert_eq!(http_status(tonic::Code::Unavailable), 503);
+        assert_eq!(http_status(tonic::Code::DeadlineExceeded), 504);
+        assert_eq!(code_name(tonic::Code::InvalidArgument), "INVALID_ARGUMENT");
         let s: tonic::Status =
             RouterError::Worker(tonic::Status::invalid_argument("`images[0]`: bad")).into();
         assert_eq!(

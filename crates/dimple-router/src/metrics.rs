@@ -9,8 +9,18 @@ use prometheus::{
 };
 
 /// Values of the `rpc` label.
-pub const RPCS: [&str; 4] = ["generate", "generate_stream", "tokenize", "get_model_info"];
+/// (the HTTP API's routes count as rpcs too).
+pub const RPCS: [&str; 7] = [
+    "generate",
+    "generate_stream",
+    "tokenize",
+    "get_model_info",
+    "http_chat_completions",
+    "http_tokenize",
+    "http_models",
+];
 
+#[derive(Clone)]
 pub struct RouterMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,

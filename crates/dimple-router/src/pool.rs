@@ -219,6 +219,11 @@ impl WorkerPool {
         self.len() == 0
     }
 
+    /// Whether some worker is reachable and accepting (readiness of the router).
+    pub fn any_ready(&self) -> bool {
+        self.snapshot().iter().any(|e| e.is_preferred())
+    }
+
     /// Waits until the set changes (for tests and tools).
     pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
         self.tx.subscribe()

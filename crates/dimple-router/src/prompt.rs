@@ -252,6 +252,9 @@ pub struct PromptBuilder {
     /// Ids of [`SpecialToken::ALL`], by [`SpecialToken::index`]; `None` where the vocabulary
     /// lacks the token (an error only once a prompt needs it).
     special_ids: [Option<u32>; SpecialToken::ALL.len()],
+    /// The text of every special token of the vocabulary (longest first), which chat text
+    /// may not contain unless a request allows it.
+    special_texts: Vec<String>,
     limits: PromptLimits,
 }
 
@@ -302,10 +305,25 @@ impl PromptBuilder {
         for token in SpecialToken::ALL {
             special_ids[token.index()] = tokenizer.token_to_id(token.as_str());
         }
+        let mut special_texts: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content)
+            .chain(
+                SpecialToken::ALL
+                    .iter()
+                    .filter(|t| special_ids[t.index()].is_some())
+                    .map(|t| t.as_str().to_owned()),
+            )
+            .collect();
+        special_texts.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        special_texts.dedup();
         Ok(Self {
             tokenizer,
             env,
             special_ids,
+            special_texts,
             limits: PromptLimits::default(),
         })
     }
@@ -329,6 +347,15 @@ impl PromptBuilder {
     /// The id of any token, special or not, by its vocabulary text.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.tokenizer.token_to_id(token)
+    }
+
+    /// The first special token written in `text`, if any (the vocabulary's special tokens,
+    /// `<|mask|>` and `<|im_end|>` among them).
+    pub fn find_special_text(&self, text: &str) -> Option<&str> {
+        self.special_texts
+            .iter()
+            .find(|t| text.contains(t.as_str()))
+            .map(String::as_str)
     }
 
     /// Vocabulary size including added tokens.
@@ -357,6 +384,16 @@ impl PromptBuilder {
     /// Renders with the generation prompt, tokenises, and expands each image placeholder to
     /// its image's token count (`image_token_counts`, in prompt order).
     pub fn build(&self, messages: &[ChatMessage], image_token_counts: &[usize]) -> Result<Prompt> {
+        Ok(self.build_spans(messages, image_token_counts)?.0)
+    }
+
+    /// [`Self::build`], also returning the rendered text and each id's byte offsets in it
+    /// (an expanded image token repeats its placeholder's offsets).
+    pub fn build_spans(
+        &self,
+        messages: &[ChatMessage],
+        image_token_counts: &[usize],
+    ) -> Result<(Prompt, String, Vec<(usize, usize)>)> {
         let text = self.render(messages, true)?;
         // A special token the tokenizer lacks would silently become several ordinary tokens.
         for token in SpecialToken::ALL {
@@ -373,7 +410,7 @@ impl PromptBuilder {
             None => self.special_id(SpecialToken::ImagePad).map(Some)?,
         };
 
-        let ids = self.encode_text(&text)?;
+        let (ids, offsets) = self.encode_with_offsets(&text)?;
         let placeholders = ids.iter().filter(|&&id| Some(id) == image_pad).count();
         if placeholders != image_token_counts.len() {
             return Err(PromptError::ImageCountMismatch {
@@ -392,20 +429,33 @@ impl PromptBuilder {
         }
 
         let mut expanded = Vec::with_capacity(tokens);
+        let mut spans = Vec::with_capacity(tokens);
         let mut counts = image_token_counts.iter();
-        for id in ids {
+        for (id, span) in ids.into_iter().zip(offsets) {
             if Some(id) == image_pad {
                 // The placeholder count equals the number of counts (checked above).
                 let n = counts.next().copied().unwrap_or(0);
                 expanded.extend(std::iter::repeat_n(id, n));
+                spans.extend(std::iter::repeat_n(span, n));
             } else {
                 expanded.push(id);
+                spans.push(span);
             }
         }
-        Ok(Prompt {
+        let prompt = Prompt {
             ids: expanded,
             image_token_counts: image_token_counts.to_vec(),
-        })
+        };
+        Ok((prompt, text, spans))
+    }
+
+    /// Tokenises raw text like [`Self::encode_text`], with each id's byte offsets in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|source| PromptError::Tokenize { source })?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
     /// Tokenises raw text without adding special tokens; special-token text in it still

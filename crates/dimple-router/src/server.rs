@@ -18,12 +18,16 @@ use tonic_health::ServingStatus;
 
 use crate::RouterError;
 use crate::auth::ApiKeys;
+use crate::backend::Backend;
 use crate::discovery::{self, Discovery};
+use crate::frontend::{Frontend, FrontendConfig};
+use crate::http::HttpApi;
 use crate::metrics::RouterMetrics;
 use crate::pool::{ChannelOptions, WorkerPool};
+use crate::pool_backend::PoolBackend;
 use crate::prompt::PromptBuilder;
-use crate::service::{RouterService, RouterState, ServiceLimits};
-use crate::validate::{ImageLimits, Validator};
+use crate::service::RouterService;
+use crate::validate::{DEFAULT_MAX_BYTES_PER_TOKEN, ImageLimits, Validator};
 
 /// PEM files of the server's certificate chain and private key.
 #[derive(Debug, Clone)]
@@ -48,6 +52,11 @@ pub struct RouterConfig {
     /// Running requests get this long to finish after shutdown begins.
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Prompt text accepted = `max_prompt_tokens` x this many bytes (checked before
+    /// tokenising).
+    pub max_bytes_per_token: usize,
+    /// Tokenising and rendering jobs running at once at most (beyond: RESOURCE_EXHAUSTED).
+    pub text_jobs: usize,
 }
 
 impl Default for RouterConfig {
@@ -62,6 +71,8 @@ impl Default for RouterConfig {
             poll_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
+            max_bytes_per_token: DEFAULT_MAX_BYTES_PER_TOKEN,
+            text_jobs: FrontendConfig::default().text_jobs,
         }
     }
 }
@@ -71,42 +82,98 @@ pub const SERVICE_NAME: &str = <DimpleServer<RouterService> as tonic::server::Na
 
 /// A configured router, ready to serve.
 pub struct Router {
-    state: Arc<RouterState>,
+    frontend: Arc<Frontend>,
+    /// The workers (empty when an in-process backend decodes).
+    pool: WorkerPool,
     cfg: RouterConfig,
 }
 
 impl Router {
-    /// Builds the router; its metrics are registered in `registry`.
+    /// A router over workers found by `cfg.discovery`; its metrics are registered in
+    /// `registry`.
     pub fn new(
         prompt: PromptBuilder,
         cfg: RouterConfig,
         registry: &Registry,
     ) -> Result<Self, RouterError> {
-        let metrics = RouterMetrics::new(registry)
-            .map_err(|e| RouterError::Setup(format!("metrics: {e}")))?;
+        let metrics = Arc::new(
+            RouterMetrics::new(registry)
+                .map_err(|e| RouterError::Setup(format!("metrics: {e}")))?,
+        );
         let pool = WorkerPool::new(ChannelOptions {
             connect_timeout: cfg.connect_timeout,
             max_message_bytes: cfg.max_message_bytes,
         });
-        let validator = Validator::new(Arc::new(prompt), cfg.images);
-        let limits = ServiceLimits {
+        let backend = Arc::new(PoolBackend::new(pool.clone(), metrics.clone()));
+        Ok(Self::assemble(prompt, cfg, backend, pool, metrics))
+    }
+
+    /// A router whose requests `backend` decodes (for example an engine in this process);
+    /// `cfg.discovery` is not used.
+    pub fn with_backend(
+        prompt: PromptBuilder,
+        cfg: RouterConfig,
+        backend: Arc<dyn Backend>,
+        registry: &Registry,
+    ) -> Result<Self, RouterError> {
+        let metrics = Arc::new(
+            RouterMetrics::new(registry)
+                .map_err(|e| RouterError::Setup(format!("metrics: {e}")))?,
+        );
+        let cfg = RouterConfig {
+            discovery: Discovery::Static(Vec::new()),
+            ..cfg
+        };
+        let pool = WorkerPool::new(ChannelOptions::default());
+        Ok(Self::assemble(prompt, cfg, backend, pool, metrics))
+    }
+
+    fn assemble(
+        prompt: PromptBuilder,
+        cfg: RouterConfig,
+        backend: Arc<dyn Backend>,
+        pool: WorkerPool,
+        metrics: Arc<RouterMetrics>,
+    ) -> Self {
+        let validator = Validator::new(Arc::new(prompt), cfg.images)
+            .with_max_bytes_per_token(cfg.max_bytes_per_token);
+        let fcfg = FrontendConfig {
             request_timeout: cfg.request_timeout,
             max_message_bytes: cfg.max_message_bytes,
+            text_jobs: cfg.text_jobs,
         };
-        Ok(Self {
-            state: Arc::new(RouterState::new(pool, validator, metrics, limits)),
+        Self {
+            frontend: Arc::new(Frontend::new(backend, validator, metrics, fcfg)),
+            pool,
             cfg,
-        })
+        }
     }
 
     pub fn pool(&self) -> &WorkerPool {
-        &self.state.pool
+        &self.pool
+    }
+
+    pub fn frontend(&self) -> &Arc<Frontend> {
+        &self.frontend
+    }
+
+    /// The OpenAI-compatible HTTP API over the same front-end and API keys.
+    pub fn http_api(&self) -> HttpApi {
+        HttpApi::new(
+            self.frontend.clone(),
+            self.cfg.api_keys.clone(),
+            self.cfg.max_message_bytes,
+        )
     }
 
     /// A handle that refreshes the router's gauges; call before rendering the registry.
     pub fn metrics_refresher(&self) -> impl Fn() + Send + Sync + 'static {
-        let state = self.state.clone();
-        move || state.metrics.set_workers(state.pool.len())
+        let frontend = self.frontend.clone();
+        move || {
+            frontend
+                .metrics()
+                .set_workers(frontend.backend().replicas())
+        }
     }
 }
 
@@ -116,17 +183,21 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
-    let Router { state, cfg } = router;
+    let Router {
+        frontend,
+        pool,
+        cfg,
+    } = router;
     let local = listener
         .local_addr()
         .map_err(|e| RouterError::Setup(format!("listener address: {e}")))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(discovery::run(
         cfg.discovery.clone(),
-        state.pool.clone(),
+        pool.clone(),
         stop_rx.clone(),
     ));
-    tokio::spawn(state.pool.clone().run_poller(cfg.poll_interval, stop_rx));
+    tokio::spawn(pool.clone().run_poller(cfg.poll_interval, stop_rx));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -148,7 +219,7 @@ pub async fn serve(
         .map_err(|e| RouterError::Setup(format!("reflection: {e}")))?;
 
     let keys = cfg.api_keys.clone();
-    let public = DimpleServer::new(RouterService::new(state.clone()))
+    let public = DimpleServer::new(RouterService::new(frontend.clone()))
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes);
     let public = InterceptedService::new(public, move |req| keys.check(req));
@@ -169,9 +240,11 @@ pub async fn serve(
     let signal = {
         let health = health.clone();
         let drain_started = drain_started.clone();
+        let frontend = frontend.clone();
         async move {
             shutdown.await;
             tracing::info!("router draining");
+            frontend.begin_drain();
             health
                 .set_service_status("", ServingStatus::NotServing)
                 .await;

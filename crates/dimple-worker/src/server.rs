@@ -30,6 +30,9 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Largest request message accepted.
     pub max_message_bytes: usize,
+    /// Tokenizer, chat template and preprocessing files served to routers
+    /// (`GetPromptAssets`); `None` refuses the call.
+    pub prompt_assets: Option<Arc<dimple_proto::worker::PromptAssets>>,
 }
 
 impl Default for ServeOptions {
@@ -39,6 +42,7 @@ impl Default for ServeOptions {
             advertise_addr: String::new(),
             drain_timeout: Duration::from_secs(30),
             max_message_bytes: 64 << 20,
+            prompt_assets: None,
         }
     }
 }
@@ -98,9 +102,11 @@ pub async fn serve(
             drain_started.notify_one();
         }
     };
-    let service = WorkerServer::new(WorkerService::new(worker.clone()))
-        .max_decoding_message_size(opts.max_message_bytes)
-        .max_encoding_message_size(opts.max_message_bytes);
+    let service = WorkerServer::new(
+        WorkerService::new(worker.clone()).with_prompt_assets(opts.prompt_assets.clone()),
+    )
+    .max_decoding_message_size(opts.max_message_bytes)
+    .max_encoding_message_size(opts.max_message_bytes);
     let server = Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

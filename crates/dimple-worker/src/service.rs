@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use dimple_core::params::{DecodeParams, FinishReason};
 use dimple_engine::{EngineEvent, EngineImage, GenerateRequest};
-use dimple_model::preprocess::preprocess_image;
 use dimple_proto::convert::sat_u32;
 use dimple_proto::deadline::grpc_timeout;
 use dimple_proto::telemetry::outcome;
@@ -26,11 +25,21 @@ use crate::{Worker, WorkerError};
 /// The gRPC face of a [`Worker`].
 pub struct WorkerService {
     worker: Worker,
+    /// Served by `GetPromptAssets`; `None` answers FAILED_PRECONDITION.
+    prompt_assets: Option<std::sync::Arc<pb::PromptAssets>>,
 }
 
 impl WorkerService {
     pub fn new(worker: Worker) -> Self {
-        Self { worker }
+        Self {
+            worker,
+            prompt_assets: None,
+        }
+    }
+
+    pub fn with_prompt_assets(mut self, assets: Option<std::sync::Arc<pb::PromptAssets>>) -> Self {
+        self.prompt_assets = assets;
+        self
     }
 
     async fn submit(
@@ -62,30 +71,7 @@ impl WorkerService {
     }
 
     async fn preprocess(&self, images: Vec<Vec<u8>>) -> Result<Vec<EngineImage>, WorkerError> {
-        if images.is_empty() {
-            return Ok(Vec::new());
-        }
-        let shared = self.worker.shared.clone();
-        let job = move || {
-            let mut out = Vec::with_capacity(images.len());
-            for (index, bytes) in images.iter().enumerate() {
-                let started = Instant::now();
-                let im = preprocess_image(bytes, &shared.preprocess).map_err(|e| {
-                    WorkerError::Image {
-                        index,
-                        message: e.to_string(),
-                    }
-                })?;
-                shared
-                    .metrics
-                    .observe_preprocess(started.elapsed().as_secs_f64());
-                out.push(EngineImage::from(im));
-            }
-            Ok(out)
-        };
-        tokio::task::spawn_blocking(job)
-            .await
-            .map_err(|e| WorkerError::Internal(format!("image preprocessing: {e}")))?
+        self.worker.preprocess(images).await
     }
 }
 
@@ -118,17 +104,29 @@ impl pb::worker_server::Worker for WorkerService {
     async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::WorkerInfo>, Status> {
         Ok(Response::new(self.worker.info().clone()))
     }
+
+    async fn get_prompt_assets(
+        &self,
+        _: Request<pb::PromptAssetsRequest>,
+    ) -> Result<Response<pb::PromptAssets>, Status> {
+        match &self.prompt_assets {
+            Some(a) => Ok(Response::new(a.as_ref().clone())),
+            None => Err(Status::failed_precondition(
+                "this worker was started without prompt assets",
+            )),
+        }
+    }
 }
 
 /// Counts a request as outstanding from arrival until it is answered or abandoned, and
 /// records its outcome once (a request dropped unanswered was cancelled by its caller).
-struct Outstanding {
+pub(crate) struct Outstanding {
     worker: Worker,
-    outcome: &'static str,
+    pub(crate) outcome: &'static str,
 }
 
 impl Outstanding {
-    fn new(worker: Worker) -> Self {
+    pub(crate) fn new(worker: Worker) -> Self {
         worker
             .shared
             .outstanding
@@ -226,7 +224,7 @@ impl Stream for EventStream {
     }
 }
 
-fn finish_outcome(r: FinishReason) -> &'static str {
+pub(crate) fn finish_outcome(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Completed | FinishReason::StepLimit => "ok",
         FinishReason::Cancelled => "cancelled",

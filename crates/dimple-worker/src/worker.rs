@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use dimple_engine::{EngineConfig, EngineHandle, GroupConfig};
-use dimple_model::preprocess::PreprocessConfig;
+use std::time::Instant;
+
+use dimple_engine::{EngineConfig, EngineHandle, EngineImage, GroupConfig};
+use dimple_model::preprocess::{PreprocessConfig, preprocess_image};
 use dimple_model::{Checkpoint, DimpleModel};
 use dimple_proto::convert::sat_u32;
 use dimple_proto::discovery::{Capacity, WorkerRecord};
@@ -25,6 +27,14 @@ pub struct WorkerConfig {
     pub preprocess: PreprocessConfig,
     /// Tensor-parallel ranks the engine runs on (reported to routers and in etcd).
     pub tp: usize,
+}
+
+/// `max_new_tokens` of a `generation_config.json` text, else 64.
+pub fn default_max_new_tokens(generation_config: Option<&str>) -> usize {
+    generation_config
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok())
+        .and_then(|v| v.get("max_new_tokens").and_then(|m| m.as_u64()))
+        .map_or(64, |m| m as usize)
 }
 
 pub(crate) struct Shared {
@@ -54,6 +64,29 @@ impl Worker {
         let metrics = Arc::new(WorkerMetrics::new(registry)?);
         let engine = dimple_engine::start(model, engine_cfg, Some(metrics.step_hook()));
         Ok(Self::new(engine, metrics, cfg))
+    }
+
+    /// Starts the built-in demo model (CPU, f32, one rank) with its own preprocessing and
+    /// response length.
+    pub fn builtin(engine_cfg: EngineConfig, registry: &Registry) -> Result<Self, WorkerError> {
+        let preprocess =
+            PreprocessConfig::from_json(dimple_core::builtin::PREPROCESSOR_CONFIG_JSON)
+                .map_err(|e| WorkerError::Internal(format!("built-in preprocessing: {e}")))?;
+        let cfg = WorkerConfig {
+            model_name: dimple_core::builtin::NAME.into(),
+            default_max_new_tokens: default_max_new_tokens(Some(
+                dimple_core::builtin::GENERATION_CONFIG_JSON,
+            )),
+            preprocess,
+            tp: 1,
+        };
+        Self::start_group(
+            &Checkpoint::Builtin,
+            GroupConfig::cpu(1),
+            engine_cfg,
+            cfg,
+            registry,
+        )
     }
 
     /// Starts a (possibly tensor-parallel) group of rank threads loading `checkpoint`.
@@ -98,6 +131,35 @@ impl Worker {
                 draining: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Decodes and preprocesses encoded images on the blocking pool (never on a tokio
+    /// worker).
+    pub async fn preprocess(&self, images: Vec<Vec<u8>>) -> Result<Vec<EngineImage>, WorkerError> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let shared = self.shared.clone();
+        let job = move || {
+            let mut out = Vec::with_capacity(images.len());
+            for (index, bytes) in images.iter().enumerate() {
+                let started = Instant::now();
+                let im = preprocess_image(bytes, &shared.preprocess).map_err(|e| {
+                    WorkerError::Image {
+                        index,
+                        message: e.to_string(),
+                    }
+                })?;
+                shared
+                    .metrics
+                    .observe_preprocess(started.elapsed().as_secs_f64());
+                out.push(EngineImage::from(im));
+            }
+            Ok(out)
+        };
+        tokio::task::spawn_blocking(job)
+            .await
+            .map_err(|e| WorkerError::Internal(format!("image preprocessing: {e}")))?
     }
 
     pub fn engine(&self) -> &EngineHandle {

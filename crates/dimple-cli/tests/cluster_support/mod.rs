@@ -421,6 +421,7 @@ pub fn golden_case(name: &str) -> GoldenCase {
                 mask_placeholder: String::new(),
             }),
             request_id: name.to_owned(),
+            allow_special_tokens: false,
         },
         initial,
         history,

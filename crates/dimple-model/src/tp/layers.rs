@@ -42,7 +42,7 @@ impl ColumnParallelLinear {
             None
         };
         Ok(Self {
-            inner: Linear::from_parts(weight, bias),
+            inner: Linear::from_parts(weight, bias)?,
         })
     }
 
@@ -59,7 +59,7 @@ impl ColumnParallelLinear {
         })
     }
 
-    /// The rank's weight rows `[out, in]` and bias.
+    /// The rank's output features of the layer (weight held `[in, out slice]`) and bias.
     pub fn linear(&self) -> &Linear {
         &self.inner
     }
@@ -96,13 +96,14 @@ impl RowParallelLinear {
             None
         };
         Ok(Self {
-            inner: Linear::from_parts(weight, None),
+            inner: Linear::from_parts(weight, None)?,
             bias,
             comm,
         })
     }
 
-    /// The rank's weight columns `[out, in slice]` (the bias is in [`Self::bias`]).
+    /// The rank's input features of the layer (weight held `[in slice, out]`); the bias
+    /// is in [`Self::bias`].
     pub fn linear(&self) -> &Linear {
         &self.inner
     }
