@@ -67,7 +67,12 @@ pub struct WorkloadArgs {
     #[arg(long, default_value_t = 1000.0, env = "DIMPLE_SLO_MS")]
     pub slo_ms: f64,
     /// Plot file formats, comma-separated: png, svg.
-    #[arg(long, value_delimiter = ',', default_value = "png", env = "DIMPLE_FORMAT")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "png",
+        env = "DIMPLE_FORMAT"
+    )]
     pub format: Vec<PlotFormat>,
     /// Send the requests to a running router (`http://HOST:PORT`) instead of decoding them
     /// with an engine in this process.
@@ -435,10 +440,10 @@ impl Target for RouterTarget {
 }
 
 fn authorize<T>(req: &mut tonic::Request<T>, api_key: Option<&str>) {
-    if let Some(key) = api_key {
-        if let Ok(v) = format!("Bearer {key}").parse() {
-            req.metadata_mut().insert("authorization", v);
-        }
+    if let Some(key) = api_key
+        && let Ok(v) = format!("Bearer {key}").parse()
+    {
+        req.metadata_mut().insert("authorization", v);
     }
 }
 
@@ -486,8 +491,14 @@ fn local_model_info(source: &ModelSource) -> anyhow::Result<ModelInfo> {
         None => {
             use dimple_core::builtin as b;
             add("config.json", b::CONFIG_JSON.as_bytes());
-            add("generation_config.json", b::GENERATION_CONFIG_JSON.as_bytes());
-            add("preprocessor_config.json", b::PREPROCESSOR_CONFIG_JSON.as_bytes());
+            add(
+                "generation_config.json",
+                b::GENERATION_CONFIG_JSON.as_bytes(),
+            );
+            add(
+                "preprocessor_config.json",
+                b::PREPROCESSOR_CONFIG_JSON.as_bytes(),
+            );
             add("tokenizer.json", b::TOKENIZER_JSON.as_bytes());
             add("model.safetensors", b::MODEL_SAFETENSORS);
         }
@@ -603,12 +614,7 @@ struct GridRun {
 
 /// Runs every configuration not already complete in the output folder, then writes the
 /// reports. Fails (after writing them) when a configuration was left incomplete.
-fn run_grid(
-    w: &WorkloadArgs,
-    grid: &Grid,
-    title: &str,
-    prefix: &str,
-) -> anyhow::Result<GridRun> {
+fn run_grid(w: &WorkloadArgs, grid: &Grid, title: &str, prefix: &str) -> anyhow::Result<GridRun> {
     if w.repeats == 0 {
         bail!("`--repeats` must be >= 1");
     }
@@ -683,7 +689,8 @@ fn run_grid(
         .into_values()
         .filter(|d| d.summary.complete)
         .map(|d| {
-            let mut s = Summary::from_records(&d.summary.config, &d.records, d.summary.wall_s, slo_s);
+            let mut s =
+                Summary::from_records(&d.summary.config, &d.records, d.summary.wall_s, slo_s);
             s.server = d.summary.server;
             (s.key.clone(), s)
         })
@@ -723,7 +730,9 @@ fn run_grid(
             if let (Some(url), Some(before)) = (&w.metrics_url, before) {
                 match (before, dimple_sweep::scrape::scrape(url)) {
                     (Ok(b), Ok(a)) => summary.server = dimple_sweep::scrape::compare(&b, &a),
-                    (Err(e), _) | (_, Err(e)) => say(format_args!("warning: could not read {url}: {e}")),
+                    (Err(e), _) | (_, Err(e)) => {
+                        say(format_args!("warning: could not read {url}: {e}"))
+                    }
                 }
             }
             out.save(&Saved {
@@ -731,7 +740,10 @@ fn run_grid(
                 records,
             })?;
             let left = todo.len() - i - 1;
-            let eta = started.elapsed().div_f64((i + 1) as f64).mul_f64(left as f64);
+            let eta = started
+                .elapsed()
+                .div_f64((i + 1) as f64)
+                .mul_f64(left as f64);
             say(format_args!(
                 "[{k}/{total}] {}: {}; {} left, eta {}",
                 summary.key,
@@ -791,7 +803,10 @@ pub fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
         grid.threshold = DEFAULT_THRESHOLDS.to_vec();
     }
     let run = run_grid(&a.workload, &grid, "Dimple sweep", "sweep")?;
-    say(format_args!("report: {}", run.out.join("report.md").display()));
+    say(format_args!(
+        "report: {}",
+        run.out.join("report.md").display()
+    ));
     Ok(())
 }
 
@@ -834,6 +849,9 @@ pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
             s.answer_tokens_per_s / first
         );
     }
-    say(format_args!("report: {}", run.out.join("report.md").display()));
+    say(format_args!(
+        "report: {}",
+        run.out.join("report.md").display()
+    ));
     Ok(())
 }

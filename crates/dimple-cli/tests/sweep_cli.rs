@@ -235,7 +235,12 @@ fn small_sweep_writes_every_output_and_measures_right() {
     assert_eq!(meta["dataset"]["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(meta["model"]["name"], "dimple-demo");
     assert_eq!(meta["target"]["kind"], "in-process");
-    assert!(meta["command_line"].as_str().unwrap().contains("--threshold 0.5,0.9"));
+    assert!(
+        meta["command_line"]
+            .as_str()
+            .unwrap()
+            .contains("--threshold 0.5,0.9")
+    );
     let mut nfe: BTreeMap<(String, bool), Vec<f64>> = BTreeMap::new();
     for r in &rows {
         let c = &r["config"];
@@ -258,7 +263,10 @@ fn small_sweep_writes_every_output_and_measures_right() {
         );
         let ci = &r["accuracy_ci95"];
         let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
-        assert!(lo < acc && acc < hi && hi - lo < 0.9, "{name}: interval {ci}");
+        assert!(
+            lo < acc && acc < hi && hi - lo < 0.9,
+            "{name}: interval {ci}"
+        );
         // Answer tokens are counted up to the end token, as in the official responses;
         // the response slots (padding included) are all 16.
         let key = r["key"].as_str().unwrap();
@@ -299,7 +307,9 @@ fn small_sweep_writes_every_output_and_measures_right() {
         nfe.entry((if thr < 0.7 { "lo" } else { "hi" }.to_string(), cache))
             .or_default()
             .push(r["nfe_mean"].as_f64().unwrap());
-        assert!(r["first_commit_p99_s"].as_f64().unwrap() >= r["first_commit_p50_s"].as_f64().unwrap());
+        assert!(
+            r["first_commit_p99_s"].as_f64().unwrap() >= r["first_commit_p50_s"].as_f64().unwrap()
+        );
         assert!(r["latency_p99_s"].as_f64().unwrap() >= r["latency_p50_s"].as_f64().unwrap());
     }
     for cache in [false, true] {
@@ -343,26 +353,20 @@ fn small_sweep_writes_every_output_and_measures_right() {
 
     // A re-run finds everything done and leaves the records as they were.
     let before = std::fs::read_dir(out.join("configs")).unwrap().count();
-    let stamp = std::fs::metadata(
-        out.join("configs")
-            .join(format!("{first_key}.json")),
-    )
-    .unwrap()
-    .modified()
-    .unwrap();
+    let stamp = std::fs::metadata(out.join("configs").join(format!("{first_key}.json")))
+        .unwrap()
+        .modified()
+        .unwrap();
     let log = run();
     assert!(log.contains("(8 already done, 0 to run)"), "{log}");
     assert_eq!(
         std::fs::read_dir(out.join("configs")).unwrap().count(),
         before
     );
-    let stamp2 = std::fs::metadata(
-        out.join("configs")
-            .join(format!("{first_key}.json")),
-    )
-    .unwrap()
-    .modified()
-    .unwrap();
+    let stamp2 = std::fs::metadata(out.join("configs").join(format!("{first_key}.json")))
+        .unwrap()
+        .modified()
+        .unwrap();
     assert_eq!(stamp, stamp2);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -425,7 +429,11 @@ fn sweep_against_a_running_router() {
     assert!((r["nfe_mean"].as_f64().unwrap() - official_nfe).abs() < 1e-9);
     let records = saved(&out, r["key"].as_str().unwrap())["records"].clone();
     for rec in records.as_array().unwrap() {
-        let off = official(&reference, rec["item"].as_str().unwrap(), "dim_thr0.9_cache1");
+        let off = official(
+            &reference,
+            rec["item"].as_str().unwrap(),
+            "dim_thr0.9_cache1",
+        );
         assert_eq!(
             rec["answer_tokens"].as_u64().unwrap() as usize,
             official_answer_tokens(off)
@@ -447,10 +455,15 @@ fn sweep_against_a_running_router() {
         "the router counted the measured requests, not the warm-up: {requests:?}"
     );
     assert!(
-        requests.iter().filter(|(k, _)| *k != ok_stream.0).all(|(_, v)| *v == 0.0),
+        requests
+            .iter()
+            .filter(|(k, _)| *k != ok_stream.0)
+            .all(|(_, v)| *v == 0.0),
         "{requests:?}"
     );
-    let passes = counters["dimple_engine_forward_passes_total"].as_f64().unwrap();
+    let passes = counters["dimple_engine_forward_passes_total"]
+        .as_f64()
+        .unwrap();
     assert!(
         passes >= 1.0 && passes <= official_nfe * 5.0,
         "forward passes {passes}"
@@ -509,7 +522,10 @@ fn a_server_killed_mid_configuration_fails_it_and_resume_redoes_it() {
     }
     let status = child.wait().unwrap();
     assert!(!status.success(), "an incomplete run fails: {log}");
-    assert!(log.contains("did not get an answer to every request"), "{log}");
+    assert!(
+        log.contains("did not get an answer to every request"),
+        "{log}"
+    );
 
     let (_, rows) = results(&out);
     assert_eq!(rows.len(), 2);
@@ -544,9 +560,15 @@ fn a_server_killed_mid_configuration_fails_it_and_resume_redoes_it() {
     }
     // Plots hold the complete configuration only.
     let cdf = std::fs::read_to_string(out.join("latency_cdf.svg")).unwrap();
-    assert!(cdf.contains("thr 0.9") && !cdf.contains("thr none"), "{cdf}");
+    assert!(
+        cdf.contains("thr 0.9") && !cdf.contains("thr none"),
+        "{cdf}"
+    );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    assert!(md.contains("## Failed configurations") && md.contains("UNAVAILABLE x"), "{md}");
+    assert!(
+        md.contains("## Failed configurations") && md.contains("UNAVAILABLE x"),
+        "{md}"
+    );
 
     // Resume against a restarted server: only the failed configuration runs again.
     let _server = Server::start(listen, metrics);
@@ -555,7 +577,10 @@ fn a_server_killed_mid_configuration_fails_it_and_resume_redoes_it() {
     assert!(o.status.success(), "{log}");
     assert!(log.contains("(1 already done, 1 to run)"), "{log}");
     let (_, rows) = results(&out);
-    assert!(rows.iter().all(|r| r["status"] == "complete" && r["ok"] == 60));
+    assert!(
+        rows.iter()
+            .all(|r| r["status"] == "complete" && r["ok"] == 60)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -567,7 +592,15 @@ fn resume_refuses_a_folder_of_other_settings() {
     let out = dir.join("out");
     let run = |extra: &[&str]| {
         dimple()
-            .args(["sweep", "--threshold", "0.9", "--cache", "true", "--warmup", "0"])
+            .args([
+                "sweep",
+                "--threshold",
+                "0.9",
+                "--cache",
+                "true",
+                "--warmup",
+                "0",
+            ])
             .args(extra)
             .arg("--out")
             .arg(&out)
@@ -579,7 +612,10 @@ fn resume_refuses_a_folder_of_other_settings() {
     let before = std::fs::read(out.join("results.json")).unwrap();
     for (flags, difference) in [
         (vec!["--limit", "3"], "limit: was 2, now 3"),
-        (vec!["--limit", "2", "--repeats", "2"], "repeats: was 1, now 2"),
+        (
+            vec!["--limit", "2", "--repeats", "2"],
+            "repeats: was 1, now 2",
+        ),
         (vec!["--synthetic", "2"], "synthetic: was none, now 2"),
     ] {
         let o = run(&flags);
@@ -613,10 +649,30 @@ fn defaults_work_from_anywhere_and_do_not_collide() {
             .current_dir(&cwd)
             .output()
             .unwrap();
-        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     };
-    run(&["sweep", "--limit", "6", "--threshold", "none,0.9", "--cache", "true"]);
-    run(&["bench", "--limit", "2", "--concurrency", "1", "--threshold", "0.9"]);
+    run(&[
+        "sweep",
+        "--limit",
+        "6",
+        "--threshold",
+        "none,0.9",
+        "--cache",
+        "true",
+    ]);
+    run(&[
+        "bench",
+        "--limit",
+        "2",
+        "--concurrency",
+        "1",
+        "--threshold",
+        "0.9",
+    ]);
     let folders: Vec<String> = std::fs::read_dir(&cwd)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -625,10 +681,19 @@ fn defaults_work_from_anywhere_and_do_not_collide() {
     let sweep = folders.iter().find(|f| f.starts_with("sweep-")).unwrap();
     let bench = folders.iter().find(|f| f.starts_with("bench-")).unwrap();
     let (meta, rows) = results(&cwd.join(sweep));
-    assert!(meta["dataset"]["name"].as_str().unwrap().contains("built in"));
+    assert!(
+        meta["dataset"]["name"]
+            .as_str()
+            .unwrap()
+            .contains("built in")
+    );
     assert_eq!(meta["dataset"]["items"], 6);
     assert_eq!(rows.len(), 2);
-    assert!(rows[0]["config"]["threshold"].is_null(), "none: {}", rows[0]["config"]);
+    assert!(
+        rows[0]["config"]["threshold"].is_null(),
+        "none: {}",
+        rows[0]["config"]
+    );
     let reference = jsonl("reference_outputs.jsonl");
     let items = jsonl("eval.jsonl");
     for r in &rows {
@@ -641,9 +706,15 @@ fn defaults_work_from_anywhere_and_do_not_collide() {
             .filter(|it| official(&reference, it["id"].as_str().unwrap(), name)["correct"] == true)
             .count() as f64
             / 6.0;
-        assert!((r["accuracy"].as_f64().unwrap() - expected).abs() < 1e-9, "{name}");
+        assert!(
+            (r["accuracy"].as_f64().unwrap() - expected).abs() < 1e-9,
+            "{name}"
+        );
     }
-    assert!(items[..6].iter().any(|it| it["image"].is_string()), "images are used");
+    assert!(
+        items[..6].iter().any(|it| it["image"].is_string()),
+        "images are used"
+    );
     let (meta, _) = results(&cwd.join(bench));
     assert_eq!(meta["title"], "Dimple bench");
     assert!(cwd.join(bench).join("report.md").exists());
@@ -656,7 +727,10 @@ fn a_checkpoint_generation_config_sets_the_response_length() {
     let dir = temp_dir("sweep-model");
     let model = dir.join("model");
     std::fs::create_dir_all(&model).unwrap();
-    let src = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/dimple-demo"));
+    let src = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../models/dimple-demo"
+    ));
     for e in std::fs::read_dir(&src).unwrap() {
         let p = e.unwrap().path();
         std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
@@ -668,7 +742,16 @@ fn a_checkpoint_generation_config_sets_the_response_length() {
     std::fs::write(&gen_path, gen_cfg.to_string()).unwrap();
     let out = dir.join("out");
     let o = dimple()
-        .args(["sweep", "--limit", "2", "--threshold", "0.9", "--warmup", "0", "--model"])
+        .args([
+            "sweep",
+            "--limit",
+            "2",
+            "--threshold",
+            "0.9",
+            "--warmup",
+            "0",
+            "--model",
+        ])
         .arg(&model)
         .arg("--out")
         .arg(&out)
@@ -690,7 +773,15 @@ fn a_closed_stdout_does_not_stop_the_run() {
     let dir = temp_dir("sweep-pipe");
     let out = dir.join("out");
     let mut child = dimple()
-        .args(["bench", "--limit", "2", "--concurrency", "1,2", "--threshold", "0.9"])
+        .args([
+            "bench",
+            "--limit",
+            "2",
+            "--concurrency",
+            "1,2",
+            "--threshold",
+            "0.9",
+        ])
         .arg("--out")
         .arg(&out)
         .stdout(Stdio::piped())
@@ -724,7 +815,8 @@ fn every_flag_is_documented() {
             let flag_only = t.split("  ").filter(|s| !s.trim().is_empty()).count() == 1;
             let next = lines.get(i + 1).map_or("", |l| l.trim());
             assert!(
-                !flag_only || (!next.is_empty() && !next.starts_with("--") && !next.starts_with('[')),
+                !flag_only
+                    || (!next.is_empty() && !next.starts_with("--") && !next.starts_with('[')),
                 "`{cmd} {t}` has no help:\n{help}"
             );
         }

@@ -134,9 +134,7 @@ pub fn demo_eval() -> Result<Vec<Item>> {
                 .iter()
                 .find(|(name, _)| *name == rel)
                 .map(|(_, bytes)| bytes.to_vec())
-                .ok_or_else(|| {
-                    SweepError::Dataset(format!("the built-in set has no image {rel}"))
-                })
+                .ok_or_else(|| SweepError::Dataset(format!("the built-in set has no image {rel}")))
         },
     )
 }

@@ -25,9 +25,10 @@ static REGISTER: Once = Once::new();
 /// Width of the data area; the legend panel is added to the right of it.
 const PLOT_W: u32 = 760;
 const H: u32 = 560;
-/// Eight colours and five markers: series `i` takes colour `i % 8` and marker `i % 5`,
-/// so the first 40 series all differ in their pair, and neighbours differ in both.
-const COLORS: [RGBColor; 8] = [
+/// Ten colours and seven markers: series `i` takes colour `i % 10` and marker `i % 7`, so
+/// the first 70 series all differ in their pair, the first ten in colour alone, and
+/// neighbours in both.
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -35,9 +36,11 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
     RGBColor(23, 190, 207),
 ];
-const MARKERS: usize = 5;
+const MARKERS: usize = 7;
 
 /// Image file formats for the charts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,13 +152,19 @@ pub struct Chart<'a> {
     pub x_label: &'a str,
     pub y_label: &'a str,
     pub x: XAxis,
-    /// Fixed y range (e.g. 0..1 for accuracy); from the data when `None`.
+    /// Fixed y range; from the data when `None`.
     pub y: Option<(f64, f64)>,
+    /// Upper end of a y range taken from the data (e.g. 1 for a share).
+    pub y_max: Option<f64>,
     pub series: &'a [Series],
 }
 
 fn legend_width(series: &[Series]) -> u32 {
-    let chars = series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0);
+    let chars = series
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(0);
     (chars as u32 * 8 + 64).clamp(160, 520)
 }
 
@@ -166,7 +175,10 @@ pub fn draw(path: &Path, chart: &Chart<'_>, format: PlotFormat) -> Result<()> {
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     });
     if chart.series.iter().all(|s| s.points.is_empty()) {
-        return Err(SweepError::Plot(format!("{}: nothing to plot", chart.title)));
+        return Err(SweepError::Plot(format!(
+            "{}: nothing to plot",
+            chart.title
+        )));
     }
     let w = PLOT_W + legend_width(chart.series);
     match format {
@@ -177,8 +189,14 @@ pub fn draw(path: &Path, chart: &Chart<'_>, format: PlotFormat) -> Result<()> {
                 draw_on(&root, chart)?;
                 root.present().map_err(perr)?;
             }
-            let img = image::RgbImage::from_raw(w, H, buf).ok_or_else(|| perr("buffer size"))?;
-            img.save_with_format(path, image::ImageFormat::Png)
+            // Charts are flat colour: the strongest compression keeps them small.
+            let file = std::fs::File::create(path).map_err(|e| crate::file_err(path, e))?;
+            let encoder = image::codecs::png::PngEncoder::new_with_quality(
+                std::io::BufWriter::new(file),
+                image::codecs::png::CompressionType::Best,
+                image::codecs::png::FilterType::Adaptive,
+            );
+            image::ImageEncoder::write_image(encoder, &buf, w, H, image::ExtendedColorType::Rgb8)
                 .map_err(|e| crate::file_err(path, e))
         }
         PlotFormat::Svg => {
@@ -215,13 +233,18 @@ fn draw_on<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &Chart<'_>)
         Some(r) => r,
         None => {
             let bars = chart.series.iter().flat_map(|s| s.bars.iter().flatten());
-            let ys = points()
-                .map(|p| p.1)
-                .chain(bars.flat_map(|&(a, b)| [a, b]));
+            let ys = points().map(|p| p.1).chain(bars.flat_map(|&(a, b)| [a, b]));
             let (lo, hi) = bounds(ys).ok_or_else(|| perr("no points"))?;
             let (lo, hi) = pad(lo, hi);
             // Quantities plotted here are never negative: start at zero when close.
-            (if lo < 0.0 || lo < (hi - lo) * 0.5 { lo.max(0.0) } else { lo }, hi)
+            (
+                if lo < 0.0 || lo < (hi - lo) * 0.5 {
+                    lo.max(0.0)
+                } else {
+                    lo
+                },
+                hi,
+            )
         }
     };
     match &chart.x {
@@ -283,6 +306,9 @@ where
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(perr)?;
+    // Series that share a point and its label (two settings with equal results) print the
+    // label once.
+    let mut labelled: Vec<((f64, f64), &str)> = Vec::new();
     for (i, s) in chart.series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         ctx.draw_series(LineSeries::new(
@@ -304,12 +330,18 @@ where
         let every = s.points.len().div_ceil(10).max(1);
         let marked: Vec<(f64, f64)> = s.points.iter().copied().step_by(every).collect();
         draw_markers(&mut ctx, &marked, i, color)?;
-        // Labels alternate above and below the line so that neighbours do not overlap.
-        ctx.draw_series(s.points.iter().zip(&s.labels).enumerate().map(|(j, (&p, text))| {
-            let dy = if j % 2 == 0 { -20 } else { 8 };
-            EmptyElement::at(p) + Text::new(text.clone(), (6, dy), ("sans-serif", 13))
-        }))
-        .map_err(perr)?;
+        // Labels take turns among four places around their points, so that neighbours
+        // (close thresholds often give close NFE) do not print over each other.
+        let mut texts = Vec::new();
+        for (j, (&p, text)) in s.points.iter().zip(&s.labels).enumerate() {
+            if labelled.contains(&(p, text.as_str())) {
+                continue;
+            }
+            labelled.push((p, text.as_str()));
+            let dy = [-20, 8, -34, 22][j % 4];
+            texts.push(EmptyElement::at(p) + Text::new(text.clone(), (6, dy), ("sans-serif", 13)));
+        }
+        ctx.draw_series(texts).map_err(perr)?;
     }
     Ok(())
 }
@@ -344,6 +376,14 @@ where
         3 => ctx
             .draw_series(pts.map(|p| EmptyElement::at(p) + Polygon::new(DIAMOND.to_vec(), fill)))
             .map(|_| ()),
+        4 => ctx
+            .draw_series(pts.map(|p| EmptyElement::at(p) + Polygon::new(DOWN.to_vec(), fill)))
+            .map(|_| ()),
+        5 => ctx
+            .draw_series(
+                pts.map(|p| EmptyElement::at(p) + Circle::new((0, 0), 5, color.stroke_width(2))),
+            )
+            .map(|_| ()),
         _ => ctx
             .draw_series(
                 pts.map(|p| EmptyElement::at(p) + Cross::new((0, 0), 6, color.stroke_width(3))),
@@ -354,6 +394,8 @@ where
 }
 
 const DIAMOND: [(i32, i32); 4] = [(0, -7), (7, 0), (0, 7), (-7, 0)];
+/// A downward triangle.
+const DOWN: [(i32, i32); 3] = [(-6, -4), (6, -4), (0, 7)];
 
 /// The legend's copy of [`draw_markers`], in pixel coordinates.
 fn draw_legend_marker<DB: DrawingBackend>(
@@ -368,6 +410,8 @@ fn draw_legend_marker<DB: DrawingBackend>(
         1 => area.draw(&(EmptyElement::at(at) + TriangleMarker::new((0, 0), 7, fill))),
         2 => area.draw(&(EmptyElement::at(at) + Rectangle::new([(-5, -5), (5, 5)], fill))),
         3 => area.draw(&(EmptyElement::at(at) + Polygon::new(DIAMOND.to_vec(), fill))),
+        4 => area.draw(&(EmptyElement::at(at) + Polygon::new(DOWN.to_vec(), fill))),
+        5 => area.draw(&(EmptyElement::at(at) + Circle::new((0, 0), 5, color.stroke_width(2)))),
         _ => area.draw(&(EmptyElement::at(at) + Cross::new((0, 0), 6, color.stroke_width(3)))),
     }
     .map_err(perr)
@@ -412,8 +456,11 @@ fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, series: &[Seri
             break;
         }
         let color = COLORS[i % COLORS.len()];
-        area.draw(&PathElement::new(vec![(8, y), (40, y)], color.stroke_width(2)))
-            .map_err(perr)?;
+        area.draw(&PathElement::new(
+            vec![(8, y), (40, y)],
+            color.stroke_width(2),
+        ))
+        .map_err(perr)?;
         draw_legend_marker(area, (24, y), i, color)?;
         area.draw(&Text::new(s.name.clone(), (48, y - 7), ("sans-serif", 13)))
             .map_err(perr)?;
@@ -438,7 +485,10 @@ fn field(s: &Summary, f: Field) -> String {
     match f {
         Field::Pipeline => c.pipeline.to_string(),
         Field::Alg => c.alg.to_string(),
-        Field::Threshold => format!("thr {}", c.threshold.map_or("none".into(), |t| t.to_string())),
+        Field::Threshold => format!(
+            "thr {}",
+            c.threshold.map_or("none".into(), |t| t.to_string())
+        ),
         Field::Cache => format!("cache {}", if c.use_cache { "on" } else { "off" }),
         Field::Length => format!("n {}", c.max_new_tokens),
         Field::Steps => format!("steps {}", c.steps),
@@ -534,10 +584,13 @@ pub fn accuracy_vs_nfe(path: &Path, summaries: &[Summary], format: PlotFormat) -
         path,
         &Chart {
             title: "Accuracy vs forward passes (labels: threshold)",
-            x_label: "mean forward passes per request (NFE)",
+            x_label: "mean forward passes per request (NFE, log scale)",
             y_label: "accuracy (95% interval)",
-            x: XAxis::Linear,
-            y: Some((0.0, 1.05)),
+            // NFE runs from 1 to the response length, and confident decoding crowds its
+            // points near 1: a log scale keeps them apart.
+            x: XAxis::Log,
+            y: None,
+            y_max: Some(1.04),
             series: &series,
         },
         format,
@@ -582,6 +635,7 @@ pub fn throughput_vs_concurrency(
             y_label: "answer tokens / s",
             x: XAxis::Ticks(ticks.into_iter().map(|c| c as f64).collect()),
             y: None,
+            y_max: None,
             series: &series,
         },
         format,
@@ -631,6 +685,7 @@ pub fn latency_vs_rate(path: &Path, summaries: &[Summary], format: PlotFormat) -
             y_label: "latency (s)",
             x: XAxis::Ticks(ticks),
             y: None,
+            y_max: None,
             series: &series,
         },
         format,
@@ -667,6 +722,7 @@ pub fn latency_cdf(path: &Path, summaries: &[Summary], format: PlotFormat) -> Re
             y_label: "share of requests answered",
             x: XAxis::Log,
             y: Some((0.0, 1.02)),
+            y_max: None,
             series: &series,
         },
         format,
@@ -680,8 +736,8 @@ mod tests {
     #[test]
     fn series_styles_are_distinct() {
         let pairs: BTreeSet<(usize, usize)> =
-            (0..40).map(|i| (i % COLORS.len(), i % MARKERS)).collect();
-        assert_eq!(pairs.len(), 40);
+            (0..70).map(|i| (i % COLORS.len(), i % MARKERS)).collect();
+        assert_eq!(pairs.len(), 70);
         let colors: BTreeSet<(u8, u8, u8)> = COLORS.iter().map(|c| (c.0, c.1, c.2)).collect();
         assert_eq!(colors.len(), COLORS.len());
     }

@@ -305,7 +305,10 @@ fn row_json(s: &Summary) -> serde_json::Value {
 
 fn metadata_md(meta: &Metadata) -> String {
     let mut rows: Vec<(&str, String)> = vec![
-        ("command", format!("`{}`", meta.command_line.replace('`', "'"))),
+        (
+            "command",
+            format!("`{}`", meta.command_line.replace('`', "'")),
+        ),
         ("date", meta.date.clone()),
         ("software", meta.software.clone()),
         (
@@ -569,7 +572,12 @@ mod tests {
     #[test]
     fn failed_configurations_are_reported_as_failed() {
         let (good, bad) = (saved(true), saved(false));
-        let md = to_markdown(&[good.summary.clone(), bad.summary.clone()], &meta(1), &[], "png");
+        let md = to_markdown(
+            &[good.summary.clone(), bad.summary.clone()],
+            &meta(1),
+            &[],
+            "png",
+        );
         assert!(md.starts_with("# t\n\n| run | |"), "{md}");
         assert!(md.contains("1 complete, 1 failed"));
         assert!(md.contains("UNAVAILABLE x1: \"gone\""), "{md}");

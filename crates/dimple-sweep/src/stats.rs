@@ -163,10 +163,11 @@ impl Summary {
         for r in records.iter().filter(|r| !r.is_ok()) {
             let e = errors.entry(r.code.clone()).or_default();
             e.count += 1;
-            if let Some(m) = &r.message {
-                if e.messages.len() < MESSAGES_KEPT && !e.messages.contains(m) {
-                    e.messages.push(m.clone());
-                }
+            if let Some(m) = &r.message
+                && e.messages.len() < MESSAGES_KEPT
+                && !e.messages.contains(m)
+            {
+                e.messages.push(m.clone());
             }
         }
         let answered_scored: Vec<bool> = ok.iter().filter_map(|r| r.correct).collect();
@@ -197,8 +198,7 @@ impl Summary {
             accuracy: (scored > 0).then(|| correct as f64 / scored as f64),
             accuracy_ci95: wilson95(correct, scored),
             accuracy_answered: (!answered_scored.is_empty()).then(|| {
-                answered_scored.iter().filter(|&&c| c).count() as f64
-                    / answered_scored.len() as f64
+                answered_scored.iter().filter(|&&c| c).count() as f64 / answered_scored.len() as f64
             }),
             latency_mean_s: ratio(lat.iter().sum(), lat.len() as f64),
             latency_p50_s: quantile(&lat, 0.5),
@@ -282,7 +282,11 @@ mod tests {
         assert_eq!(s.ok, 3);
         assert!(!s.complete, "one request failed");
         assert_eq!(s.scored, 4);
-        assert_eq!(s.accuracy, Some(2.0 / 4.0), "the unanswered item counts as wrong");
+        assert_eq!(
+            s.accuracy,
+            Some(2.0 / 4.0),
+            "the unanswered item counts as wrong"
+        );
         assert_eq!(s.accuracy_answered, Some(2.0 / 3.0));
         assert_eq!(s.latency_p50_s, 2.0);
         assert_eq!(s.latency_p99_s, 3.0);
@@ -338,7 +342,10 @@ mod tests {
         let (lo, hi) = wilson95(5, 10).unwrap();
         assert!((lo + hi - 1.0).abs() < 1e-12);
         let (lo, hi) = wilson95(8, 10).unwrap();
-        assert!((lo - 0.4902).abs() < 1e-3 && (hi - 0.9433).abs() < 1e-3, "{lo} {hi}");
+        assert!(
+            (lo - 0.4902).abs() < 1e-3 && (hi - 0.9433).abs() < 1e-3,
+            "{lo} {hi}"
+        );
         let (lo0, hi0) = wilson95(0, 20).unwrap();
         assert_eq!(lo0, 0.0);
         assert!(hi0 > 0.0 && hi0 < 0.2);

@@ -71,10 +71,10 @@ pub const CODE_NAMES: [&str; 17] = [
 /// (`InvalidArgument`, `INVALIDARGUMENT`, `invalid_argument`, or the number `3`), so
 /// that counts from different targets add up. Names that are no gRPC code are upper-cased.
 pub fn canonical_code(code: &str) -> String {
-    if let Ok(n) = code.trim().parse::<usize>() {
-        if let Some(name) = CODE_NAMES.get(n) {
-            return (*name).to_string();
-        }
+    if let Ok(n) = code.trim().parse::<usize>()
+        && let Some(name) = CODE_NAMES.get(n)
+    {
+        return (*name).to_string();
     }
     let squash = |s: &str| -> String {
         s.chars()
@@ -95,7 +95,12 @@ mod tests {
 
     #[test]
     fn code_spellings_become_canonical() {
-        for spelling in ["InvalidArgument", "INVALIDARGUMENT", "invalid_argument", "3"] {
+        for spelling in [
+            "InvalidArgument",
+            "INVALIDARGUMENT",
+            "invalid_argument",
+            "3",
+        ] {
             assert_eq!(canonical_code(spelling), "INVALID_ARGUMENT", "{spelling}");
         }
         assert_eq!(canonical_code("Unavailable"), "UNAVAILABLE");
