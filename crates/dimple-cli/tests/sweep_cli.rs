@@ -228,6 +228,15 @@ fn small_sweep_writes_every_output_and_measures_right() {
         log.contains("8 configurations (0 already done, 8 to run)"),
         "{log}"
     );
+    // One progress line per configuration, with the overall count and an ETA, though
+    // stderr is not a terminal here.
+    for k in 1..=8 {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("[{k}/8] ")))
+            .unwrap_or_else(|| panic!("no line for configuration {k}: {log}"));
+        assert!(line.contains(", eta "), "{line}");
+    }
 
     let (meta, rows) = results(&out);
     assert_eq!(rows.len(), 8);
@@ -721,7 +730,8 @@ fn defaults_work_from_anywhere_and_do_not_collide() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `--model DIR` takes the response length from the checkpoint's generation config.
+/// `--model DIR` takes the response length from the checkpoint's generation config; an
+/// open-loop point gets its latency-vs-rate chart.
 #[test]
 fn a_checkpoint_generation_config_sets_the_response_length() {
     let dir = temp_dir("sweep-model");
@@ -753,6 +763,7 @@ fn a_checkpoint_generation_config_sets_the_response_length() {
             "--model",
         ])
         .arg(&model)
+        .args(["--concurrency", "1", "--rate", "20", "--format", "png,svg"])
         .arg("--out")
         .arg(&out)
         .output()
@@ -763,6 +774,15 @@ fn a_checkpoint_generation_config_sets_the_response_length() {
     assert_eq!(rows[0]["config"]["max_new_tokens"], 8);
     let records = saved(&out, rows[0]["key"].as_str().unwrap())["records"].clone();
     assert!(records.as_array().unwrap().iter().all(|r| r["tokens"] == 8));
+    assert_eq!(rows.len(), 2);
+    let by_rate = std::fs::read_to_string(out.join("latency_vs_rate.svg")).unwrap();
+    assert!(
+        by_rate.contains("p50") && by_rate.contains("p99"),
+        "{by_rate}"
+    );
+    assert!(out.join("latency_vs_rate.png").exists());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("latency_vs_rate.png"), "{md}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
