@@ -606,6 +606,13 @@ fn result_line(s: &Summary) -> String {
     )
 }
 
+/// Waits briefly before reading server metrics: a server counts a request when its stream
+/// closes, just after the client has the final message, so reading at once could miss the
+/// last requests (or count warm-up ones in the configuration).
+fn settle_metrics() {
+    std::thread::sleep(Duration::from_millis(200));
+}
+
 /// What a run reports: the summaries in grid order and the folder they are in.
 struct GridRun {
     summaries: Vec<Summary>,
@@ -723,11 +730,15 @@ fn run_grid(w: &WorkloadArgs, grid: &Grid, title: &str, prefix: &str) -> anyhow:
                 repeats: w.repeats,
             };
             rt.block_on(dimple_sweep::warm_up(target.clone(), &items, cfg, w.warmup));
-            let before = w.metrics_url.as_deref().map(dimple_sweep::scrape::scrape);
+            let before = w.metrics_url.as_deref().map(|url| {
+                settle_metrics();
+                dimple_sweep::scrape::scrape(url)
+            });
             let (records, wall) =
                 rt.block_on(dimple_sweep::run_config(target.clone(), &items, cfg, &opts));
             let mut summary = Summary::from_records(cfg, &records, wall.as_secs_f64(), slo_s);
             if let (Some(url), Some(before)) = (&w.metrics_url, before) {
+                settle_metrics();
                 match (before, dimple_sweep::scrape::scrape(url)) {
                     (Ok(b), Ok(a)) => summary.server = dimple_sweep::scrape::compare(&b, &a),
                     (Err(e), _) | (_, Err(e)) => {
