@@ -42,19 +42,19 @@ impl OutputDir {
         let run = root.join("run.json");
         let key = meta.resume_key();
         let has_configs = std::fs::read_dir(&configs).is_ok_and(|mut d| d.next().is_some());
-        let saved: Option<ResumeKey> = match std::fs::read_to_string(&run) {
-            Ok(text) => Some(
+        // `Some(Err)`: a run.json that does not parse, refused like other settings.
+        let saved: Option<std::result::Result<ResumeKey, String>> =
+            std::fs::read_to_string(&run).ok().map(|text| {
                 serde_json::from_str::<RunFile>(&text)
-                    .map_err(|e| file_err(&run, e))?
-                    .resume_key,
-            ),
-            Err(_) => None,
-        };
+                    .map(|f| f.resume_key)
+                    .map_err(|e| format!("its run.json does not parse: {e}"))
+            });
         let refusal = match &saved {
-            Some(saved) => {
+            Some(Ok(saved)) => {
                 let diffs = key_differences(saved, &key);
                 (!diffs.is_empty()).then(|| diffs.join("; "))
             }
+            Some(Err(e)) => Some(e.clone()),
             None if has_configs => Some("it has results but no run.json".to_string()),
             None => None,
         };
@@ -566,6 +566,11 @@ mod tests {
         );
         let out = OutputDir::open(&dir, &meta(100), true).unwrap();
         assert!(out.saved().unwrap().is_empty(), "forced: old results gone");
+        // A damaged run.json is refused too, and --force recovers the folder.
+        std::fs::write(dir.join("run.json"), "{").unwrap();
+        let err = OutputDir::open(&dir, &meta(100), false).err().unwrap();
+        assert!(err.to_string().contains("does not parse"), "{err}");
+        assert!(OutputDir::open(&dir, &meta(100), true).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
