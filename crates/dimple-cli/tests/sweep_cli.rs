@@ -121,6 +121,9 @@ impl Server {
                 &listen.to_string(),
                 "--metrics-listen",
                 &metrics.to_string(),
+                // Tests run side by side: no fixed HTTP port.
+                "--http-listen",
+                "127.0.0.1:0",
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
