@@ -356,7 +356,9 @@ def check_dockerignore():
     patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
                 if p.strip() and not p.startswith("#")]
     needed = ["Cargo.toml", "Cargo.lock", "crates/dimple-cli/Cargo.toml", "crates/dimple-cli/src/main.rs",
-              "models/dimple-demo/model.safetensors", "proto"]
+              "models/dimple-demo/model.safetensors", "proto",
+              # compiled into the binary as the default dataset of `dimple sweep`
+              "tests/fixtures/demo_eval/eval.jsonl", "tests/fixtures/demo_eval/images/0000.png"]
     needed += [p for p in (".cargo/config.toml", "tools/protoc") if (ROOT / p).exists()]
     needed += [str(p.relative_to(ROOT)) for pat in ("crates/*/Cargo.toml", "crates/*/build.rs", "proto/**/*.proto")
                for p in ROOT.glob(pat)]

@@ -38,10 +38,11 @@ enum Command {
     Router(router::RouterArgs),
     /// One tensor-parallel group serving the internal worker service (registers in etcd).
     Worker(worker::WorkerArgs),
-    /// Run a dataset under a grid of decoding settings and loads; write CSV, JSON, Markdown
-    /// and PNG plots.
+    /// Run a dataset under a grid of decoding settings and loads (in-process or against a
+    /// router); write CSV, JSON, a Markdown report and PNG/SVG plots into a resumable folder.
     Sweep(sweep::SweepArgs),
-    /// Throughput at several concurrency levels (default 1, 4, 16) on the embedded model.
+    /// Throughput at several concurrency levels (default 1, 4, 16), in-process or against a
+    /// router; the same outputs as `sweep` plus a table on stdout.
     Bench(sweep::BenchArgs),
     /// Step time and tokens/s on random weights of a real model shape (GPU checks).
     #[command(hide = true)]

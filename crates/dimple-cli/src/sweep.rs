@@ -1,10 +1,10 @@
 //! `dimple sweep` and `dimple bench`: load-tested evaluation sweeps over a grid of decoding
 //! settings and load levels, against a router or the embedded local model.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -13,41 +13,69 @@ use dimple_proto::convert::GenerateInput;
 use dimple_router::RouterError;
 use dimple_router::error::code_name;
 use dimple_router::frontend::{FrontEvent, Frontend};
-use dimple_sweep::dataset::SyntheticSpec;
-use dimple_sweep::report::OutputDir;
+use dimple_sweep::dataset::{SyntheticSpec, content_hash};
+use dimple_sweep::grid::parse_threshold;
+use dimple_sweep::meta::{self, DatasetInfo, Metadata, ModelInfo, PartsHash, TargetInfo};
+use dimple_sweep::plots::PlotFormat;
+use dimple_sweep::report::{OutputDir, Saved};
 use dimple_sweep::target::TargetFuture;
 use dimple_sweep::{Grid, Item, Response, RunOptions, Summary, SweepRequest, Target, TargetError};
 use prometheus::Registry;
 
-use crate::generate::RankArgs;
+use crate::generate::{RankArgs, default_response_len};
 use crate::model_source::ModelSource;
 
-/// The demo model's evaluation set, the default dataset.
-pub const DEFAULT_DATASET: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../tests/fixtures/demo_eval/eval.jsonl"
-);
+/// Thresholds a sweep runs when none are given: no threshold, then increasingly
+/// conservative confident decoding (the accuracy-vs-NFE curve).
+pub const DEFAULT_THRESHOLDS: [f32; 5] = [0.0, 0.5, 0.7, 0.9, 0.95];
 
 #[derive(Args, Debug, Clone)]
 pub struct WorkloadArgs {
-    /// JSONL dataset (id, question/text/messages, image/images, answer, answer_type).
-    /// Default: the demo model's 100 evaluation items.
+    /// JSONL dataset (id, question/text/messages, image/images, answer, answer_type, kind).
+    /// Default: the demo model's 100 evaluation items, built into the binary.
     #[arg(long, env = "DIMPLE_DATASET", conflicts_with = "synthetic")]
     pub dataset: Option<PathBuf>,
-    /// Use N synthetic items instead (random prompts, half with a random image).
-    #[arg(long)]
+    /// Use N synthetic items instead (random prompts, half with a random image, no
+    /// references: no accuracy).
+    #[arg(long, env = "DIMPLE_SYNTHETIC")]
     pub synthetic: Option<usize>,
     /// Only the first N items.
-    #[arg(long)]
+    #[arg(long, env = "DIMPLE_LIMIT")]
     pub limit: Option<usize>,
-    /// Checkpoint directory for the embedded model; the built-in demo model when absent.
-    #[arg(long, env = "DIMPLE_MODEL")]
+    /// Checkpoint directory for the in-process model; the built-in demo model when absent.
+    /// Its generation config gives the default response length.
+    #[arg(long, env = "DIMPLE_MODEL", conflicts_with = "router")]
     pub model: Option<PathBuf>,
-    /// Output directory (re-running skips configurations already there).
-    #[arg(long, default_value = "sweep-out")]
-    pub out: PathBuf,
-    #[arg(long, default_value_t = 0)]
+    /// Output folder. Default: a new timestamped folder in the current directory
+    /// (`sweep-YYYYMMDD-HHMMSS` or `bench-...`). Giving the folder of an earlier run
+    /// resumes it: complete configurations are kept, failed ones run again. A folder written
+    /// with other settings (dataset, limit, model, target, repeats, warm-up) is refused.
+    #[arg(long, env = "DIMPLE_OUT")]
+    pub out: Option<PathBuf>,
+    /// Discard the results in `--out` when they were made with other settings.
+    #[arg(long, env = "DIMPLE_FORCE")]
+    pub force: bool,
+    /// Seeds the requests' random generators, the arrival times and synthetic items.
+    #[arg(long, default_value_t = 0, env = "DIMPLE_SEED")]
     pub seed: u64,
+    /// Each item is sent this many times per configuration.
+    #[arg(long, default_value_t = 1, env = "DIMPLE_REPEATS")]
+    pub repeats: usize,
+    /// Requests sent before each configuration and left out of every measure (warms
+    /// connections, allocations and caches).
+    #[arg(long, default_value_t = 2, env = "DIMPLE_WARMUP")]
+    pub warmup: usize,
+    /// Latency objective in milliseconds: goodput counts the requests answered within it.
+    #[arg(long, default_value_t = 1000.0, env = "DIMPLE_SLO_MS")]
+    pub slo_ms: f64,
+    /// Plot file formats, comma-separated: png, svg.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "png",
+        env = "DIMPLE_FORMAT"
+    )]
+    pub format: Vec<PlotFormat>,
     /// Send the requests to a running router (`http://HOST:PORT`) instead of decoding them
     /// with an engine in this process.
     #[arg(long, env = "DIMPLE_ROUTER")]
@@ -56,8 +84,9 @@ pub struct WorkloadArgs {
     #[arg(long, env = "DIMPLE_API_KEY")]
     pub api_key: Option<String>,
     /// The server's Prometheus endpoint (`http://HOST:PORT/metrics`), read before and after
-    /// each configuration; its counter deltas go into the JSON rows.
-    #[arg(long)]
+    /// each configuration: counter changes and gauge values (labels kept) go into the JSON
+    /// rows.
+    #[arg(long, env = "DIMPLE_METRICS_URL")]
     pub metrics_url: Option<String>,
 }
 
@@ -66,24 +95,33 @@ pub struct SweepArgs {
     #[command(flatten)]
     pub workload: WorkloadArgs,
     /// Grid as a TOML file (keys: threshold, alg, pipeline, use_cache, max_new_tokens,
-    /// steps, concurrency, rate, seed); flags below add to it.
-    #[arg(long)]
+    /// steps, concurrency, rate, seed); the flags below add to it.
+    #[arg(long, env = "DIMPLE_GRID")]
     pub grid: Option<PathBuf>,
-    /// Thresholds (0 = none), comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    /// Confidence thresholds, comma-separated; `none` (or 0) decodes without one.
+    /// Default: none,0.5,0.7,0.9,0.95.
+    #[arg(long, value_delimiter = ',', value_parser = parse_threshold)]
     pub threshold: Vec<f32>,
+    /// Unmasking algorithms: maskgit_plus (default), topk_margin, entropy, origin,
+    /// origin-ratio, autoregressive.
     #[arg(long, value_delimiter = ',')]
     pub alg: Vec<String>,
+    /// Decoding loops: dim (confident decoding, default) or dream (schedule only; one
+    /// point, thresholds do not apply).
     #[arg(long, value_delimiter = ',')]
     pub pipeline: Vec<String>,
-    /// Prefilling on/off, e.g. `false,true`.
+    /// Prefilling off/on, e.g. `false,true` (default: false).
     #[arg(long, value_delimiter = ',')]
     pub cache: Vec<bool>,
+    /// Response lengths in slots. Default: the model's generation config (16 for the
+    /// built-in model; the server's default with `--router`).
     #[arg(long, value_delimiter = ',')]
     pub max_new_tokens: Vec<usize>,
+    /// Forward passes at most per request. Default: the response length.
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<usize>,
-    /// Closed-loop concurrency levels.
+    /// Closed-loop concurrency levels: requests kept in flight (default 1 when no
+    /// `--rate` is given).
     #[arg(long, value_delimiter = ',')]
     pub concurrency: Vec<usize>,
     /// Open-loop Poisson arrival rates (requests/s).
@@ -95,15 +133,23 @@ pub struct SweepArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub workload: WorkloadArgs,
+    /// Concurrency levels (requests kept in flight), comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1usize, 4, 16])]
     pub concurrency: Vec<usize>,
-    /// Each item is sent this many times per level.
-    #[arg(long, default_value_t = 1)]
-    pub repeats: usize,
-    #[arg(long)]
+    /// Confidence threshold (`none` or 0: none).
+    #[arg(long, value_parser = parse_threshold)]
     pub threshold: Option<f32>,
+    /// Prefilling: compute the prompt's keys and values once.
     #[arg(long)]
     pub cache: bool,
+}
+
+/// A line on stderr. Write errors (a closed pipe) are ignored: losing the log must not
+/// stop a sweep before its results are saved.
+fn say(args: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args);
+    let _ = err.write_all(b"\n");
 }
 
 /// Requests decoded by an engine in this process, through the same front-end as a router.
@@ -171,6 +217,7 @@ impl Target for LocalTarget {
                             text: a.text,
                             steps: a.steps as usize,
                             tokens: a.token_ids.len(),
+                            answer_tokens: a.completion_tokens,
                             first_commit: first,
                         });
                     }
@@ -188,18 +235,61 @@ impl Target for LocalTarget {
     }
 }
 
+/// Response tokens before the first end token.
+fn answer_len(response: &[u32], eos: u32) -> usize {
+    response
+        .iter()
+        .position(|&t| t == eos)
+        .unwrap_or(response.len())
+}
+
 /// Requests sent to a router over gRPC, streamed so the client sees the first commit.
 pub struct RouterTarget {
     client: dimple_proto::v1::dimple_client::DimpleClient<tonic::transport::Channel>,
     api_key: Option<String>,
+    /// The server's model, from `GetModelInfo` at connection.
+    info: dimple_proto::v1::ModelInfo,
 }
 
 impl RouterTarget {
     pub async fn connect(url: &str, api_key: Option<String>) -> anyhow::Result<Self> {
         let channel = crate::remote::connect(url, None).await?;
-        let client = dimple_proto::v1::dimple_client::DimpleClient::new(channel)
+        let mut client = dimple_proto::v1::dimple_client::DimpleClient::new(channel)
             .max_decoding_message_size(64 << 20);
-        Ok(Self { client, api_key })
+        let mut req = tonic::Request::new(dimple_proto::v1::GetModelInfoRequest {});
+        authorize(&mut req, api_key.as_deref());
+        let info = client
+            .get_model_info(req)
+            .await
+            .with_context(|| format!("GetModelInfo at {url}"))?
+            .into_inner();
+        Ok(Self {
+            client,
+            api_key,
+            info,
+        })
+    }
+
+    /// The `GetModelInfo` answer as JSON for the report.
+    fn info_json(&self) -> serde_json::Value {
+        let i = &self.info;
+        serde_json::json!({
+            "model": i.model,
+            "vocab_size": i.vocab_size,
+            "mask_token_id": i.mask_token_id,
+            "eos_token_id": i.eos_token_id,
+            "image_token_id": i.image_token_id,
+            "max_position_embeddings": i.max_position_embeddings,
+            "default_max_new_tokens": i.default_max_new_tokens,
+            "limits": i.limits.as_ref().map(|l| serde_json::json!({
+                "max_new_tokens": l.max_new_tokens,
+                "max_steps": l.max_steps,
+                "max_prompt_tokens": l.max_prompt_tokens,
+                "max_image_pixels": l.max_image_pixels,
+                "max_message_bytes": l.max_message_bytes,
+            })),
+            "workers": i.workers,
+        })
     }
 
     fn request(req: &SweepRequest) -> dimple_proto::v1::GenerateRequest {
@@ -268,11 +358,7 @@ impl Target for RouterTarget {
             };
             let sent = Instant::now();
             let mut grpc = tonic::Request::new(Self::request(&req));
-            if let Some(key) = &self.api_key {
-                if let Ok(v) = format!("Bearer {key}").parse() {
-                    grpc.metadata_mut().insert("authorization", v);
-                }
-            }
+            authorize(&mut grpc, self.api_key.as_deref());
             let mut stream = self
                 .client
                 .clone()
@@ -292,6 +378,7 @@ impl Target for RouterTarget {
                                 text: f.text,
                                 steps: f.steps as usize,
                                 tokens: f.token_ids.len(),
+                                answer_tokens: answer_len(&f.token_ids, self.info.eos_token_id),
                                 first_commit: first,
                             });
                         }
@@ -309,18 +396,30 @@ impl Target for RouterTarget {
     }
 }
 
-fn load_items(w: &WorkloadArgs) -> anyhow::Result<Vec<Arc<Item>>> {
-    let mut items = match (w.synthetic, &w.dataset) {
-        (Some(n), _) => dimple_sweep::synthetic(&SyntheticSpec {
-            items: n,
-            seed: w.seed,
-            ..SyntheticSpec::default()
-        })?,
-        (None, Some(p)) => dimple_sweep::load_jsonl(p)?,
-        (None, None) => dimple_sweep::load_jsonl(std::path::Path::new(DEFAULT_DATASET))
-            .with_context(|| {
-                format!("the default dataset {DEFAULT_DATASET}; give --dataset or --synthetic")
+fn authorize<T>(req: &mut tonic::Request<T>, api_key: Option<&str>) {
+    if let Some(key) = api_key
+        && let Ok(v) = format!("Bearer {key}").parse()
+    {
+        req.metadata_mut().insert("authorization", v);
+    }
+}
+
+/// The items of a run and their description.
+fn load_items(w: &WorkloadArgs) -> anyhow::Result<(Vec<Arc<Item>>, DatasetInfo)> {
+    let (mut items, name) = match (w.synthetic, &w.dataset) {
+        (Some(n), _) => (
+            dimple_sweep::synthetic(&SyntheticSpec {
+                items: n,
+                seed: w.seed,
+                ..SyntheticSpec::default()
             })?,
+            format!("synthetic ({n} items, seed {})", w.seed),
+        ),
+        (None, Some(p)) => (dimple_sweep::load_jsonl(p)?, p.display().to_string()),
+        (None, None) => (
+            dimple_sweep::dataset::demo_eval()?,
+            dimple_sweep::dataset::DEMO_EVAL_NAME.to_string(),
+        ),
     };
     if let Some(n) = w.limit {
         items.truncate(n);
@@ -328,67 +427,298 @@ fn load_items(w: &WorkloadArgs) -> anyhow::Result<Vec<Arc<Item>>> {
     if items.is_empty() {
         bail!("no items to run");
     }
-    Ok(items.into_iter().map(Arc::new).collect())
+    let info = DatasetInfo {
+        name,
+        items: items.len(),
+        sha256: content_hash(&items),
+        limit: w.limit,
+        synthetic: w.synthetic,
+    };
+    Ok((items.into_iter().map(Arc::new).collect(), info))
 }
 
-/// Runs every configuration not already in the output directory, then writes the reports.
-fn run_grid(
-    w: &WorkloadArgs,
-    grid: &Grid,
-    repeats: usize,
-    title: &str,
-) -> anyhow::Result<Vec<Summary>> {
-    let items = load_items(w)?;
-    let configs = grid.configs(16)?;
-    let out = OutputDir::create(&w.out)?;
-    let mut done = out.finished()?;
+/// Name and hash of the in-process model. For a checkpoint directory the hash covers its
+/// configuration, tokenizer and preprocessor files and the names and sizes of its weight
+/// files (reading every weight of a 7B model would take minutes); for the built-in model
+/// it covers every file.
+fn local_model_info(source: &ModelSource) -> anyhow::Result<ModelInfo> {
+    let mut h = PartsHash::default();
+    let mut add = |name: &str, bytes: &[u8]| h.add(name, bytes);
+    match &source.0 {
+        None => {
+            use dimple_core::builtin as b;
+            add("config.json", b::CONFIG_JSON.as_bytes());
+            add(
+                "generation_config.json",
+                b::GENERATION_CONFIG_JSON.as_bytes(),
+            );
+            add(
+                "preprocessor_config.json",
+                b::PREPROCESSOR_CONFIG_JSON.as_bytes(),
+            );
+            add("tokenizer.json", b::TOKENIZER_JSON.as_bytes());
+            add("model.safetensors", b::MODEL_SAFETENSORS);
+        }
+        Some(dir) => {
+            let mut names: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+                .with_context(|| format!("reading the model directory {}", dir.display()))?
+                .filter_map(|e| e.ok())
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                .collect();
+            names.sort();
+            for (name, path) in names {
+                if name.ends_with(".json") {
+                    let bytes =
+                        std::fs::read(&path).with_context(|| format!("{}", path.display()))?;
+                    add(&name, &bytes);
+                } else if name.ends_with(".safetensors") {
+                    let len = std::fs::metadata(&path)
+                        .with_context(|| format!("{}", path.display()))?
+                        .len();
+                    add(&name, &len.to_le_bytes());
+                }
+            }
+        }
+    }
+    Ok(ModelInfo {
+        name: source.name(),
+        sha256: h.finish(),
+        default_max_new_tokens: default_response_len(source),
+    })
+}
+
+/// The command line as typed, with arguments quoted where a shell would need it.
+fn command_line() -> String {
+    std::env::args()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./:,=@+%".contains(c))
+            {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `--out`, or a new `<prefix>-<timestamp>` folder that does not exist yet.
+fn out_dir(w: &WorkloadArgs, prefix: &str, stamp: &str) -> PathBuf {
+    if let Some(p) = &w.out {
+        return p.clone();
+    }
+    let base = PathBuf::from(format!("{prefix}-{stamp}"));
+    let mut candidate = base.clone();
+    let mut n = 2;
+    while candidate.exists() {
+        candidate = PathBuf::from(format!("{}-{n}", base.display()));
+        n += 1;
+    }
+    candidate
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+    } else {
+        format!("{}:{:02}", s / 60, s % 60)
+    }
+}
+
+/// A finished configuration's line in the log.
+fn result_line(s: &Summary) -> String {
+    let acc = match (s.accuracy, s.accuracy_ci95) {
+        (Some(a), Some((lo, hi))) => format!("acc {a:.3} [{lo:.3}, {hi:.3}]"),
+        _ => "acc -".into(),
+    };
+    let errors = if s.errors.is_empty() {
+        String::new()
+    } else {
+        let parts: Vec<String> = s
+            .errors
+            .iter()
+            .map(|(code, e)| {
+                format!(
+                    "{code} x{}{}",
+                    e.count,
+                    e.messages
+                        .first()
+                        .map_or(String::new(), |m| format!(" ({m})"))
+                )
+            })
+            .collect();
+        format!(", errors: {}", parts.join(", "))
+    };
+    format!(
+        "{}, ok {}/{}, {acc}, NFE {:.2}, {:.1} answer tok/s, p50 {:.3}s{errors}",
+        if s.complete { "complete" } else { "FAILED" },
+        s.ok,
+        s.requests,
+        s.nfe_mean,
+        s.answer_tokens_per_s,
+        s.latency_p50_s
+    )
+}
+
+/// Waits briefly before reading server metrics: a server counts a request when its stream
+/// closes, just after the client has the final message, so reading at once could miss the
+/// last requests (or count warm-up ones in the configuration).
+fn settle_metrics() {
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// What a run reports: the summaries in grid order and the folder they are in.
+struct GridRun {
+    summaries: Vec<Summary>,
+    out: PathBuf,
+}
+
+/// Runs every configuration not already complete in the output folder, then writes the
+/// reports. Fails (after writing them) when a configuration was left incomplete.
+fn run_grid(w: &WorkloadArgs, grid: &Grid, title: &str, prefix: &str) -> anyhow::Result<GridRun> {
+    if w.repeats == 0 {
+        bail!("`--repeats` must be >= 1");
+    }
+    if !(w.slo_ms.is_finite() && w.slo_ms > 0.0) {
+        bail!("`--slo-ms` must be > 0, got {}", w.slo_ms);
+    }
+    let (items, dataset) = load_items(w)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let source = ModelSource(w.model.clone());
+    let (router, model, target_info) = match &w.router {
+        Some(url) => {
+            let r = rt.block_on(RouterTarget::connect(url, w.api_key.clone()))?;
+            let server = r.info_json();
+            // What the server says of its model; the worker count is left out, since it
+            // does not change answers.
+            let mut h = PartsHash::default();
+            for field in [
+                "model",
+                "vocab_size",
+                "mask_token_id",
+                "eos_token_id",
+                "image_token_id",
+                "default_max_new_tokens",
+            ] {
+                h.add(field, server[field].to_string().as_bytes());
+            }
+            let model = ModelInfo {
+                name: r.info.model.clone(),
+                sha256: h.finish(),
+                default_max_new_tokens: r.info.default_max_new_tokens as usize,
+            };
+            let info = TargetInfo {
+                kind: "router".into(),
+                url: Some(url.clone()),
+                server: Some(server),
+            };
+            (Some(r), model, info)
+        }
+        None => (
+            None,
+            local_model_info(&source)?,
+            TargetInfo {
+                kind: "in-process".into(),
+                url: None,
+                server: None,
+            },
+        ),
+    };
+    let (date, stamp) = meta::now();
+    let meta = Metadata {
+        title: title.to_string(),
+        command_line: command_line(),
+        date,
+        software: format!("dimple {}", env!("CARGO_PKG_VERSION")),
+        seed: w.seed,
+        dataset,
+        model,
+        target: target_info,
+        repeats: w.repeats,
+        warmup: w.warmup,
+        slo_ms: Some(w.slo_ms),
+    };
+    let slo_s = Some(w.slo_ms / 1e3);
+    let configs = grid.configs(meta.model.default_max_new_tokens)?;
+    let out_path = out_dir(w, prefix, &stamp);
+    let out = OutputDir::open(&out_path, &meta, w.force)?;
+    // Complete configurations from earlier runs, re-measured with this run's SLO.
+    let mut done: std::collections::BTreeMap<String, Summary> = out
+        .saved()?
+        .into_values()
+        .filter(|d| d.summary.complete)
+        .map(|d| {
+            let mut s =
+                Summary::from_records(&d.summary.config, &d.records, d.summary.wall_s, slo_s);
+            s.server = d.summary.server;
+            (s.key.clone(), s)
+        })
+        .collect();
     let todo: Vec<_> = configs
         .iter()
         .filter(|c| !done.contains_key(&c.key()))
         .cloned()
         .collect();
-    eprintln!(
+    let total = configs.len();
+    say(format_args!(
         "{} items, {} configurations ({} already done, {} to run), output in {}",
         items.len(),
-        configs.len(),
-        configs.len() - todo.len(),
+        total,
+        total - todo.len(),
         todo.len(),
-        w.out.display()
-    );
+        out_path.display()
+    ));
     if !todo.is_empty() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
-        let target: Arc<dyn Target> = match &w.router {
-            Some(url) => Arc::new(rt.block_on(RouterTarget::connect(url, w.api_key.clone()))?),
-            None => Arc::new(LocalTarget::start(&ModelSource(w.model.clone()))?),
+        let target: Arc<dyn Target> = match router {
+            Some(r) => Arc::new(r),
+            None => Arc::new(LocalTarget::start(&source)?),
         };
-        let opts = RunOptions {
-            progress: std::io::stderr().is_terminal(),
-            repeats,
-        };
-        for cfg in &todo {
-            let before = w.metrics_url.as_deref().map(dimple_sweep::scrape::scrape);
+        let started = Instant::now();
+        for (i, cfg) in todo.iter().enumerate() {
+            let k = total - todo.len() + i + 1;
+            let opts = RunOptions {
+                progress: std::io::stderr().is_terminal(),
+                label: format!("configuration {k} of {total} {}", cfg.key()),
+                repeats: w.repeats,
+            };
+            rt.block_on(dimple_sweep::warm_up(target.clone(), &items, cfg, w.warmup));
+            let before = w.metrics_url.as_deref().map(|url| {
+                settle_metrics();
+                dimple_sweep::scrape::scrape(url)
+            });
             let (records, wall) =
                 rt.block_on(dimple_sweep::run_config(target.clone(), &items, cfg, &opts));
-            let mut summary = Summary::from_records(cfg, &records, wall.as_secs_f64());
+            let mut summary = Summary::from_records(cfg, &records, wall.as_secs_f64(), slo_s);
             if let (Some(url), Some(before)) = (&w.metrics_url, before) {
+                settle_metrics();
                 match (before, dimple_sweep::scrape::scrape(url)) {
-                    (Ok(b), Ok(a)) => summary.server = dimple_sweep::scrape::delta(&b, &a),
-                    (Err(e), _) | (_, Err(e)) => eprintln!("warning: could not read {url}: {e}"),
+                    (Ok(b), Ok(a)) => summary.server = dimple_sweep::scrape::compare(&b, &a),
+                    (Err(e), _) | (_, Err(e)) => {
+                        say(format_args!("warning: could not read {url}: {e}"))
+                    }
                 }
             }
-            out.save(&summary, &records)?;
-            eprintln!(
-                "{}: ok {}/{} acc {} NFE {:.2} {:.1} tok/s p50 {:.3}s",
+            out.save(&Saved {
+                summary: summary.clone(),
+                records,
+            })?;
+            let left = todo.len() - i - 1;
+            let eta = started
+                .elapsed()
+                .div_f64((i + 1) as f64)
+                .mul_f64(left as f64);
+            say(format_args!(
+                "[{k}/{total}] {}: {}; {} left, eta {}",
                 summary.key,
-                summary.ok,
-                summary.requests,
-                summary.accuracy.map_or("-".into(), |a| format!("{a:.3}")),
-                summary.nfe_mean,
-                summary.tokens_per_s,
-                summary.latency_p50_s
-            );
+                result_line(&summary),
+                left,
+                fmt_duration(eta)
+            ));
             done.insert(summary.key.clone(), summary);
         }
     }
@@ -397,10 +727,28 @@ fn run_grid(
         .iter()
         .filter_map(|c| done.get(&c.key()).cloned())
         .collect();
-    for p in out.write_reports(&summaries, title)? {
-        eprintln!("wrote {}", p.display());
+    for p in out.write_reports(&summaries, &meta, &w.format)? {
+        say(format_args!("wrote {}", p.display()));
     }
-    Ok(summaries)
+    let failed: Vec<&Summary> = summaries.iter().filter(|s| !s.complete).collect();
+    if !failed.is_empty() {
+        bail!(
+            "{} of {} configurations did not get an answer to every request ({}); they are \
+             saved as failed and run again when the same command is repeated with --out {}",
+            failed.len(),
+            total,
+            failed
+                .iter()
+                .map(|s| s.key.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            out_path.display()
+        );
+    }
+    Ok(GridRun {
+        summaries,
+        out: out_path,
+    })
 }
 
 pub fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
@@ -420,10 +768,13 @@ pub fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
         grid.seed = a.workload.seed;
     }
     if grid.threshold.is_empty() {
-        // Default: the accuracy-vs-NFE curve of confident decoding.
-        grid.threshold = vec![0.0, 0.5, 0.7, 0.9, 0.95];
+        grid.threshold = DEFAULT_THRESHOLDS.to_vec();
     }
-    run_grid(&a.workload, &grid, 1, "Dimple sweep")?;
+    let run = run_grid(&a.workload, &grid, "Dimple sweep", "sweep")?;
+    say(format_args!(
+        "report: {}",
+        run.out.join("report.md").display()
+    ));
     Ok(())
 }
 
@@ -435,25 +786,40 @@ pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
         seed: a.workload.seed,
         ..Grid::default()
     };
-    let summaries = run_grid(&a.workload, &grid, a.repeats, "Dimple bench")?;
-    println!("| concurrency | requests | req/s | tokens/s | NFE | p50 s | p99 s | speed-up vs 1 |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let one = summaries.first().map_or(1.0, |s| s.tokens_per_s.max(1e-9));
-    for s in &summaries {
+    let run = run_grid(&a.workload, &grid, "Dimple bench", "bench")?;
+    // The table goes to stdout; a reader that went away (`| head`) must not fail the run,
+    // whose results are already saved.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "| concurrency | requests | req/s | answer tok/s | slots/s | NFE | p50 s | p99 s | speed-up vs first |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
+    let first = run
+        .summaries
+        .first()
+        .map_or(1.0, |s| s.answer_tokens_per_s.max(1e-9));
+    for s in &run.summaries {
         let c = match s.config.load {
             dimple_sweep::Load::Concurrency(c) => c.to_string(),
             dimple_sweep::Load::Rate(r) => format!("rate {r}"),
         };
-        println!(
-            "| {c} | {} | {:.2} | {:.1} | {:.2} | {:.3} | {:.3} | {:.2}x |",
+        let _ = writeln!(
+            out,
+            "| {c} | {} | {:.2} | {:.1} | {:.1} | {:.2} | {:.3} | {:.3} | {:.2}x |",
             s.ok,
             s.requests_per_s,
-            s.tokens_per_s,
+            s.answer_tokens_per_s,
+            s.slots_per_s,
             s.nfe_mean,
             s.latency_p50_s,
             s.latency_p99_s,
-            s.tokens_per_s / one
+            s.answer_tokens_per_s / first
         );
     }
+    say(format_args!(
+        "report: {}",
+        run.out.join("report.md").display()
+    ));
     Ok(())
 }

@@ -40,6 +40,9 @@ fn serve_then_generate_through_the_router() {
             &listen.to_string(),
             "--metrics-listen",
             &metrics.to_string(),
+            // Tests run side by side: no fixed HTTP port.
+            "--http-listen",
+            "127.0.0.1:0",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

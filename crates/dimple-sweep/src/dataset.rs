@@ -5,6 +5,9 @@
 //! last user turn) or `text`/`question`, optional `images` (paths) or `image` (one path),
 //! the reference as `answer` or `reference`, and `answer_type` (`exact`, `contains`,
 //! `choice`, `number`; default `exact`). Relative image paths resolve against the file.
+//!
+//! The demo model's evaluation set (100 items, their images included) is compiled into the
+//! crate ([`demo_eval`]), so the default dataset needs no files next to the binary.
 
 use std::path::{Path, PathBuf};
 
@@ -112,6 +115,36 @@ struct Line {
 pub fn load_jsonl(path: &Path) -> Result<Vec<Item>> {
     let text = std::fs::read_to_string(path).map_err(|e| file_err(path, e))?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse_jsonl(&text, path, |rel| {
+        let p: PathBuf = base.join(rel);
+        std::fs::read(&p).map_err(|e| file_err(&p, e))
+    })
+}
+
+/// Name under which the built-in evaluation set is reported.
+pub const DEMO_EVAL_NAME: &str = "dimple-demo-eval (built in)";
+
+/// The demo model's evaluation set, from the copy compiled into the crate.
+pub fn demo_eval() -> Result<Vec<Item>> {
+    parse_jsonl(
+        crate::builtin::EVAL_JSONL,
+        Path::new(DEMO_EVAL_NAME),
+        |rel| {
+            crate::builtin::IMAGES
+                .iter()
+                .find(|(name, _)| *name == rel)
+                .map(|(_, bytes)| bytes.to_vec())
+                .ok_or_else(|| SweepError::Dataset(format!("the built-in set has no image {rel}")))
+        },
+    )
+}
+
+/// Parses JSONL text; `image` returns the bytes of an image path as written in the file.
+pub fn parse_jsonl(
+    text: &str,
+    path: &Path,
+    mut image: impl FnMut(&str) -> Result<Vec<u8>>,
+) -> Result<Vec<Item>> {
     let mut items = Vec::new();
     for (n, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -134,8 +167,7 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Item>> {
         };
         let mut images = Vec::new();
         for rel in l.images.unwrap_or_default().into_iter().chain(l.image) {
-            let p: PathBuf = base.join(&rel);
-            images.push(std::fs::read(&p).map_err(|e| file_err(&p, e))?);
+            images.push(image(&rel)?);
         }
         let id = match l.id {
             Some(serde_json::Value::String(s)) => s,
@@ -158,6 +190,32 @@ pub fn load_jsonl(path: &Path) -> Result<Vec<Item>> {
         )));
     }
     Ok(items)
+}
+
+/// SHA-256 (hex) of everything in `items` that can change a result: ids, turns, images,
+/// references, answer types and kinds, in order. Two runs agree on it exactly when they
+/// send the same requests and score them the same way.
+pub fn content_hash(items: &[Item]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for it in items {
+        // The JSON form skips images; they go in after it, each prefixed by its length so
+        // that boundaries cannot shift between items.
+        let json = serde_json::to_vec(it).unwrap_or_default();
+        h.update((json.len() as u64).to_le_bytes());
+        h.update(&json);
+        h.update((it.images.len() as u64).to_le_bytes());
+        for im in &it.images {
+            h.update((im.len() as u64).to_le_bytes());
+            h.update(im);
+        }
+    }
+    hex(&h.finalize())
+}
+
+/// Lower-case hexadecimal of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Shape of a synthetic workload.
@@ -254,6 +312,35 @@ mod tests {
         assert!(score(AnswerType::Number, "-3 apples", "-3.0"));
         assert!(!score(AnswerType::Number, "13", "12"));
         assert!(!score(AnswerType::Number, "none", "12"));
+    }
+
+    #[test]
+    fn built_in_set_has_every_image() {
+        let items = demo_eval().unwrap();
+        assert_eq!(items.len(), 100);
+        let with_images = items.iter().filter(|i| !i.images.is_empty()).count();
+        assert!(with_images > 0);
+        // The images decode and are PNGs.
+        for it in items.iter().filter(|i| !i.images.is_empty()) {
+            assert_eq!(&it.images[0][..4], b"\x89PNG");
+        }
+    }
+
+    #[test]
+    fn content_hash_sees_every_change() {
+        let items = demo_eval().unwrap();
+        let base = content_hash(&items);
+        assert_eq!(base.len(), 64);
+        assert_eq!(base, content_hash(&items.clone()));
+        assert_ne!(base, content_hash(&items[..99]), "fewer items");
+        let mut changed = items.clone();
+        changed[3].reference = Some("something else".into());
+        assert_ne!(base, content_hash(&changed), "a reference");
+        let mut changed = items.clone();
+        let i = changed.iter().position(|i| !i.images.is_empty()).unwrap();
+        let last = changed[i].images[0].len() - 1;
+        changed[i].images[0][last] ^= 1;
+        assert_ne!(base, content_hash(&changed), "one image byte");
     }
 
     #[test]

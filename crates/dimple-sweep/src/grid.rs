@@ -22,7 +22,8 @@ pub enum Load {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Grid {
-    /// Confidence thresholds; 0 means none.
+    /// Confidence thresholds; 0 or `"none"` means none.
+    #[serde(deserialize_with = "thresholds")]
     pub threshold: Vec<f32>,
     pub alg: Vec<String>,
     pub pipeline: Vec<String>,
@@ -34,6 +35,32 @@ pub struct Grid {
     pub rate: Vec<f64>,
     /// Seeds the request generators and arrival times.
     pub seed: u64,
+}
+
+/// A threshold as written: a number, or `"none"` (stored as 0).
+pub fn parse_threshold(s: &str) -> std::result::Result<f32, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(0.0);
+    }
+    s.parse::<f32>()
+        .map_err(|_| format!("threshold must be a number in [0, 1) or `none`, got {s:?}"))
+}
+
+fn thresholds<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<f32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum T {
+        Number(f32),
+        Name(String),
+    }
+    Vec::<T>::deserialize(d)?
+        .into_iter()
+        .map(|t| match t {
+            T::Number(x) => Ok(x),
+            T::Name(s) => parse_threshold(&s).map_err(serde::de::Error::custom),
+        })
+        .collect()
 }
 
 /// One point of the grid.
@@ -247,10 +274,13 @@ mod tests {
     #[test]
     fn toml_round_trip() {
         let g: Grid = toml::from_str(
-            "threshold = [0.0, 0.5]\nconcurrency = [2]\nuse_cache = [true]\nseed = 7\n",
+            "threshold = [\"none\", 0.5]\nconcurrency = [2]\nuse_cache = [true]\nseed = 7\n",
         )
         .unwrap();
         assert_eq!(g.threshold, vec![0.0, 0.5]);
+        assert!(toml::from_str::<Grid>("threshold = [\"high\"]").is_err());
+        assert_eq!(parse_threshold("None"), Ok(0.0));
+        assert_eq!(parse_threshold("0.9"), Ok(0.9));
         assert_eq!(g.seed, 7);
         assert!(toml::from_str::<Grid>("bogus = 1").is_err());
     }

@@ -1,14 +1,18 @@
 //! Load-tested evaluation sweeps: run a dataset under a grid of decoding settings and load
 //! levels against a serving target, and report accuracy against speed.
 //!
-//! Layout: `dataset` (JSONL items, scoring, a synthetic generator), `grid` (the product of
-//! settings, from flags or TOML), `target` (what a sweep sends requests to: a trait the
-//! binary implements for a router address or an in-process engine), `runner` (closed- and
-//! open-loop load with progress), `stats` (per-configuration measures), `report` (CSV, JSON,
-//! Markdown, resumable), `plots` (PNG charts), `scrape` (server metrics before and after).
+//! Layout: `dataset` (JSONL items, scoring, a synthetic generator, the built-in demo set
+//! from `builtin`), `grid` (the product of settings, from flags or TOML), `target` (what a
+//! sweep sends requests to: a trait the binary implements for a router address or an
+//! in-process engine), `runner` (closed- and open-loop load with warm-up and progress),
+//! `stats` (per-configuration measures), `meta` (run metadata and the resume key),
+//! `report` (CSV, JSON, Markdown, resumable output folders), `plots` (PNG and SVG charts),
+//! `scrape` (server metrics before and after).
 
+pub mod builtin;
 pub mod dataset;
 pub mod grid;
+pub mod meta;
 pub mod plots;
 pub mod report;
 pub mod runner;
@@ -18,7 +22,7 @@ pub mod target;
 
 pub use dataset::{AnswerType, Item, load_jsonl, synthetic};
 pub use grid::{Config, Grid, Load};
-pub use runner::{RunOptions, run_config};
+pub use runner::{RunOptions, run_config, warm_up};
 pub use stats::Summary;
 pub use target::{Response, SweepRequest, Target, TargetError};
 
@@ -31,6 +35,9 @@ pub enum SweepError {
     Grid(String),
     #[error("dataset: {0}")]
     Dataset(String),
+    /// An output folder written by a run with other settings.
+    #[error("{0}")]
+    Resume(String),
     #[error("plot: {0}")]
     Plot(String),
 }

@@ -1,11 +1,18 @@
-//! PNG charts of a sweep: accuracy against forward passes per threshold, throughput against
-//! concurrency, and the latency distribution. Drawn with plotters into a memory buffer and
-//! encoded as PNG with the `image` crate; text uses the bundled DejaVu Sans font.
+//! Charts of a sweep, one question each: accuracy against forward passes (one point per
+//! threshold, labelled, with 95% intervals), answer throughput against concurrency, latency
+//! against offered rate (open loop), and the latency distribution (log scale). Drawn with
+//! plotters as PNG (encoded with the `image` crate) or SVG; text uses the bundled DejaVu
+//! Sans font. Legends sit to the right of the data area, and every series has its own
+//! colour and marker pair.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::str::FromStr;
 use std::sync::Once;
 
+use plotters::coord::Shift;
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::grid::Load;
@@ -15,9 +22,13 @@ use crate::{Result, SweepError};
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
 
-const W: u32 = 900;
-const H: u32 = 600;
-const COLORS: [RGBColor; 8] = [
+/// Width of the data area; the legend panel is added to the right of it.
+const PLOT_W: u32 = 760;
+const H: u32 = 560;
+/// Ten colours and seven markers: series `i` takes colour `i % 10` and marker `i % 7`, so
+/// the first 70 series all differ in their pair, the first ten in colour alone, and
+/// neighbours in both.
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -26,6 +37,81 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+const MARKERS: usize = 7;
+
+/// Image file formats for the charts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlotFormat {
+    Png,
+    Svg,
+}
+
+impl PlotFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            PlotFormat::Png => "png",
+            PlotFormat::Svg => "svg",
+        }
+    }
+}
+
+impl FromStr for PlotFormat {
+    type Err = SweepError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "png" => Ok(PlotFormat::Png),
+            "svg" => Ok(PlotFormat::Svg),
+            other => Err(SweepError::Plot(format!(
+                "format must be png or svg, got {other:?}"
+            ))),
+        }
+    }
+}
+
+/// A chart a report can hold.
+pub struct Plot {
+    /// File name without extension.
+    pub name: &'static str,
+    pub title: &'static str,
+    /// What the chart shows, for the report.
+    pub about: &'static str,
+    pub draw: fn(&Path, &[Summary], PlotFormat) -> Result<()>,
+}
+
+/// Every chart, in report order. Each returns an error when it has nothing to draw.
+pub const PLOTS: &[Plot] = &[
+    Plot {
+        name: "accuracy_vs_nfe",
+        title: "Accuracy vs forward passes",
+        about: "Accuracy (unanswered items wrong) against mean forward passes per request: \
+                one line per decoding setting, one labelled point per threshold, with the 95% \
+                Wilson interval as a vertical bar. Up and to the left is better.",
+        draw: accuracy_vs_nfe,
+    },
+    Plot {
+        name: "throughput_vs_concurrency",
+        title: "Throughput vs concurrency",
+        about: "Answer tokens per second (end token and padding excluded) against the number \
+                of requests in flight (closed loop), one line per setting.",
+        draw: throughput_vs_concurrency,
+    },
+    Plot {
+        name: "latency_vs_rate",
+        title: "Latency vs offered rate",
+        about: "Median and 99th-percentile latency against the offered Poisson arrival rate \
+                (open loop), one pair of lines per setting.",
+        draw: latency_vs_rate,
+    },
+    Plot {
+        name: "latency_cdf",
+        title: "Latency distribution",
+        about: "Share of requests answered within a given latency (log scale), one line per \
+                configuration.",
+        draw: latency_cdf,
+    },
 ];
 
 fn perr(e: impl std::fmt::Display) -> SweepError {
@@ -36,178 +122,630 @@ fn perr(e: impl std::fmt::Display) -> SweepError {
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// A text beside each point (empty: none).
+    pub labels: Vec<String>,
+    /// A vertical interval per point (empty: none).
+    pub bars: Vec<Option<(f64, f64)>>,
 }
 
-/// Draws line+point series into a PNG file.
-pub fn line_chart(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    series: &[Series],
-) -> Result<()> {
+impl Series {
+    fn new(name: String, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            name,
+            points,
+            labels: Vec::new(),
+            bars: Vec::new(),
+        }
+    }
+}
+
+/// How the x axis is scaled.
+pub enum XAxis {
+    Linear,
+    Log,
+    /// Linear, with ticks only at these values (e.g. the concurrency levels).
+    Ticks(Vec<f64>),
+}
+
+pub struct Chart<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub y_label: &'a str,
+    pub x: XAxis,
+    /// Fixed y range; from the data when `None`.
+    pub y: Option<(f64, f64)>,
+    /// Upper end of a y range taken from the data (e.g. 1 for a share).
+    pub y_max: Option<f64>,
+    pub series: &'a [Series],
+}
+
+fn legend_width(series: &[Series]) -> u32 {
+    let chars = series
+        .iter()
+        .map(|s| s.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    (chars as u32 * 8 + 64).clamp(160, 520)
+}
+
+/// Draws `chart` into `path` as `format`.
+pub fn draw(path: &Path, chart: &Chart<'_>, format: PlotFormat) -> Result<()> {
     REGISTER.call_once(|| {
         // The bundled font is valid TrueType; a failure would only drop the text.
         let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
     });
-    let pts = series.iter().flat_map(|s| s.points.iter());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
+    if chart.series.iter().all(|s| s.points.is_empty()) {
+        return Err(SweepError::Plot(format!(
+            "{}: nothing to plot",
+            chart.title
+        )));
     }
-    if x0 > x1 {
-        return Err(SweepError::Plot(format!("{title}: nothing to plot")));
+    let w = PLOT_W + legend_width(chart.series);
+    match format {
+        PlotFormat::Png => {
+            let mut buf = vec![0u8; (w * H * 3) as usize];
+            {
+                let root = BitMapBackend::with_buffer(&mut buf, (w, H)).into_drawing_area();
+                draw_on(&root, chart)?;
+                root.present().map_err(perr)?;
+            }
+            // Charts are flat colour: the strongest compression keeps them small.
+            let file = std::fs::File::create(path).map_err(|e| crate::file_err(path, e))?;
+            let encoder = image::codecs::png::PngEncoder::new_with_quality(
+                std::io::BufWriter::new(file),
+                image::codecs::png::CompressionType::Best,
+                image::codecs::png::FilterType::Adaptive,
+            );
+            image::ImageEncoder::write_image(encoder, &buf, w, H, image::ExtendedColorType::Rgb8)
+                .map_err(|e| crate::file_err(path, e))
+        }
+        PlotFormat::Svg => {
+            let root = SVGBackend::new(path, (w, H)).into_drawing_area();
+            draw_on(&root, chart)?;
+            root.present().map_err(perr)
+        }
     }
-    let pad = |a: f64, b: f64| {
-        let d = if (b - a).abs() < 1e-12 {
-            a.abs().max(1.0) * 0.1
-        } else {
-            (b - a) * 0.08
-        };
-        (a - d, b + d)
+}
+
+fn bounds(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    values.fold(None, |acc, v| match acc {
+        None => Some((v, v)),
+        Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+    })
+}
+
+fn pad(lo: f64, hi: f64) -> (f64, f64) {
+    let d = if (hi - lo).abs() < 1e-12 {
+        lo.abs().max(1.0) * 0.1
+    } else {
+        (hi - lo) * 0.08
     };
-    let (x0, x1) = pad(x0, x1);
-    let (y0, y1) = pad(y0, y1);
-    let mut buf = vec![0u8; (W * H * 3) as usize];
-    {
-        let root = BitMapBackend::with_buffer(&mut buf, (W, H)).into_drawing_area();
-        root.fill(&WHITE).map_err(perr)?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 24))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(perr)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_label)
-            .y_desc(y_label)
-            .label_style(("sans-serif", 14))
-            .draw()
-            .map_err(perr)?;
-        for (i, s) in series.iter().enumerate() {
-            let color = COLORS[i % COLORS.len()];
-            chart
-                .draw_series(LineSeries::new(
-                    s.points.iter().copied(),
-                    color.stroke_width(2),
-                ))
-                .map_err(perr)?
-                .label(s.name.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-                });
-            chart
-                .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+    (lo - d, hi + d)
+}
+
+fn draw_on<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &Chart<'_>) -> Result<()> {
+    root.fill(&WHITE).map_err(perr)?;
+    let root = root.titled(chart.title, ("sans-serif", 22)).map_err(perr)?;
+    let (plot, legend) = root.split_horizontally(PLOT_W - 10);
+    let points = || chart.series.iter().flat_map(|s| s.points.iter());
+    let (x0, x1) = bounds(points().map(|p| p.0)).ok_or_else(|| perr("no points"))?;
+    let (y0, y1) = match chart.y {
+        Some(r) => r,
+        None => {
+            let bars = chart.series.iter().flat_map(|s| s.bars.iter().flatten());
+            let ys = points().map(|p| p.1).chain(bars.flat_map(|&(a, b)| [a, b]));
+            let (lo, hi) = bounds(ys).ok_or_else(|| perr("no points"))?;
+            let (lo, hi) = pad(lo, hi);
+            // Quantities plotted here are never negative: start at zero when close.
+            (
+                if lo < 0.0 || lo < (hi - lo) * 0.5 {
+                    lo.max(0.0)
+                } else {
+                    lo
+                },
+                hi,
+            )
+        }
+    };
+    match &chart.x {
+        XAxis::Linear => {
+            let (a, b) = pad(x0, x1);
+            draw_xy(&plot, chart, a..b, y0..y1)?
+        }
+        XAxis::Log => {
+            // Half a decade of room on each side; log axes need positive values.
+            let (a, b) = (x0.max(1e-6) / 1.5, x1.max(1e-6) * 1.5);
+            draw_xy(&plot, chart, (a..b).log_scale(), y0..y1)?
+        }
+        XAxis::Ticks(ticks) => {
+            let (a, b) = pad(x0, x1);
+            let axis = TickedAxis {
+                inner: (a..b).into(),
+                ticks: ticks.clone(),
+            };
+            draw_xy(&plot, chart, axis, y0..y1)?
+        }
+    }
+    draw_legend(&legend, chart.series)
+}
+
+fn draw_xy<DB, X>(
+    area: &DrawingArea<DB, Shift>,
+    chart: &Chart<'_>,
+    x: X,
+    y: std::ops::Range<f64>,
+) -> Result<()>
+where
+    DB: DrawingBackend,
+    X: AsRangedCoord<Value = f64>,
+    X::CoordDescType: ValueFormatter<f64>,
+{
+    let mut ctx = ChartBuilder::on(area)
+        .margin(12)
+        .x_label_area_size(48)
+        .y_label_area_size(64)
+        .build_cartesian_2d(x, y)
+        .map_err(perr)?;
+    let fmt = |v: &f64| {
+        if (v - v.round()).abs() < 1e-9 && v.abs() < 1e6 {
+            format!("{}", v.round())
+        } else if v.abs() >= 0.01 {
+            let s = format!("{v:.3}");
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            format!("{v:.1e}")
+        }
+    };
+    ctx.configure_mesh()
+        .x_desc(chart.x_label)
+        .y_desc(chart.y_label)
+        .x_label_formatter(&fmt)
+        .y_label_formatter(&fmt)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(perr)?;
+    // Series that share a point and its label (two settings with equal results) print the
+    // label once.
+    let mut labelled: Vec<((f64, f64), &str)> = Vec::new();
+    for (i, s) in chart.series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        ctx.draw_series(LineSeries::new(
+            s.points.iter().copied(),
+            color.stroke_width(2),
+        ))
+        .map_err(perr)?;
+        for (p, bar) in s.points.iter().zip(&s.bars) {
+            if let Some((lo, hi)) = *bar {
+                ctx.draw_series(std::iter::once(PathElement::new(
+                    vec![(p.0, lo), (p.0, hi)],
+                    color.stroke_width(1),
+                )))
                 .map_err(perr)?;
+            }
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
+        // Long series (a CDF) get a marker every few points: enough to tell them apart
+        // without hiding the line.
+        let every = s.points.len().div_ceil(10).max(1);
+        let marked: Vec<(f64, f64)> = s.points.iter().copied().step_by(every).collect();
+        draw_markers(&mut ctx, &marked, i, color)?;
+        // Labels take turns among four places around their points, so that neighbours
+        // (close thresholds often give close NFE) do not print over each other.
+        let mut texts = Vec::new();
+        for (j, (&p, text)) in s.points.iter().zip(&s.labels).enumerate() {
+            if labelled.contains(&(p, text.as_str())) {
+                continue;
+            }
+            labelled.push((p, text.as_str()));
+            let dy = [-20, 8, -34, 22][j % 4];
+            texts.push(EmptyElement::at(p) + Text::new(text.clone(), (6, dy), ("sans-serif", 13)));
+        }
+        ctx.draw_series(texts).map_err(perr)?;
+    }
+    Ok(())
+}
+
+/// Draws the marker of series `i` at each point. (One arm per shape: the element types
+/// differ, and boxed elements would need a `'static` backend.)
+fn draw_markers<DB, X, Y>(
+    ctx: &mut ChartContext<'_, DB, Cartesian2d<X, Y>>,
+    points: &[(f64, f64)],
+    i: usize,
+    color: RGBColor,
+) -> Result<()>
+where
+    DB: DrawingBackend,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    let fill = color.filled();
+    let pts = points.iter().copied();
+    match i % MARKERS {
+        0 => ctx
+            .draw_series(pts.map(|p| EmptyElement::at(p) + Circle::new((0, 0), 5, fill)))
+            .map(|_| ()),
+        1 => ctx
+            .draw_series(pts.map(|p| EmptyElement::at(p) + TriangleMarker::new((0, 0), 7, fill)))
+            .map(|_| ()),
+        2 => ctx
+            .draw_series(
+                pts.map(|p| EmptyElement::at(p) + Rectangle::new([(-5, -5), (5, 5)], fill)),
+            )
+            .map(|_| ()),
+        3 => ctx
+            .draw_series(pts.map(|p| EmptyElement::at(p) + Polygon::new(DIAMOND.to_vec(), fill)))
+            .map(|_| ()),
+        4 => ctx
+            .draw_series(pts.map(|p| EmptyElement::at(p) + Polygon::new(DOWN.to_vec(), fill)))
+            .map(|_| ()),
+        5 => ctx
+            .draw_series(
+                pts.map(|p| EmptyElement::at(p) + Circle::new((0, 0), 5, color.stroke_width(2))),
+            )
+            .map(|_| ()),
+        _ => ctx
+            .draw_series(
+                pts.map(|p| EmptyElement::at(p) + Cross::new((0, 0), 6, color.stroke_width(3))),
+            )
+            .map(|_| ()),
+    }
+    .map_err(perr)
+}
+
+const DIAMOND: [(i32, i32); 4] = [(0, -7), (7, 0), (0, 7), (-7, 0)];
+/// A downward triangle.
+const DOWN: [(i32, i32); 3] = [(-6, -4), (6, -4), (0, 7)];
+
+/// The legend's copy of [`draw_markers`], in pixel coordinates.
+fn draw_legend_marker<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    at: (i32, i32),
+    i: usize,
+    color: RGBColor,
+) -> Result<()> {
+    let fill = color.filled();
+    match i % MARKERS {
+        0 => area.draw(&(EmptyElement::at(at) + Circle::new((0, 0), 5, fill))),
+        1 => area.draw(&(EmptyElement::at(at) + TriangleMarker::new((0, 0), 7, fill))),
+        2 => area.draw(&(EmptyElement::at(at) + Rectangle::new([(-5, -5), (5, 5)], fill))),
+        3 => area.draw(&(EmptyElement::at(at) + Polygon::new(DIAMOND.to_vec(), fill))),
+        4 => area.draw(&(EmptyElement::at(at) + Polygon::new(DOWN.to_vec(), fill))),
+        5 => area.draw(&(EmptyElement::at(at) + Circle::new((0, 0), 5, color.stroke_width(2)))),
+        _ => area.draw(&(EmptyElement::at(at) + Cross::new((0, 0), 6, color.stroke_width(3)))),
+    }
+    .map_err(perr)
+}
+
+/// A linear f64 axis with ticks at given values only (plotters' own key-point wrapper
+/// loses the default number formatting).
+struct TickedAxis {
+    inner: RangedCoordf64,
+    ticks: Vec<f64>,
+}
+
+impl Ranged for TickedAxis {
+    type FormatOption = plotters::coord::ranged1d::DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        self.inner.map(value, limit)
+    }
+
+    fn key_points<Hint: plotters::coord::ranged1d::KeyPointHint>(&self, _: Hint) -> Vec<f64> {
+        self.ticks.clone()
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.inner.range()
+    }
+}
+
+fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, series: &[Series]) -> Result<()> {
+    let row = 20;
+    let rows = (area.dim_in_pixel().1 as i32 - 60) / row;
+    for (i, s) in series.iter().enumerate() {
+        let y = 40 + i as i32 * row;
+        if i as i32 >= rows {
+            area.draw(&Text::new(
+                format!("... and {} more", series.len() - i),
+                (10, y - 7),
+                ("sans-serif", 13),
+            ))
             .map_err(perr)?;
-        root.present().map_err(perr)?;
+            break;
+        }
+        let color = COLORS[i % COLORS.len()];
+        area.draw(&PathElement::new(
+            vec![(8, y), (40, y)],
+            color.stroke_width(2),
+        ))
+        .map_err(perr)?;
+        draw_legend_marker(area, (24, y), i, color)?;
+        area.draw(&Text::new(s.name.clone(), (48, y - 7), ("sans-serif", 13)))
+            .map_err(perr)?;
     }
-    let img = image::RgbImage::from_raw(W, H, buf).ok_or_else(|| perr("buffer size"))?;
-    img.save_with_format(path, image::ImageFormat::Png)
-        .map_err(|e| crate::file_err(path, e))
+    Ok(())
 }
 
-fn setting_name(s: &Summary) -> String {
+/// The parts of a configuration that can tell series apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Field {
+    Pipeline,
+    Alg,
+    Threshold,
+    Cache,
+    Length,
+    Steps,
+    Load,
+}
+
+fn field(s: &Summary, f: Field) -> String {
     let c = &s.config;
-    format!(
-        "{} {} cache {}",
-        c.pipeline,
-        c.alg,
-        if c.use_cache { "on" } else { "off" }
-    )
+    match f {
+        Field::Pipeline => c.pipeline.to_string(),
+        Field::Alg => c.alg.to_string(),
+        Field::Threshold => format!(
+            "thr {}",
+            c.threshold.map_or("none".into(), |t| t.to_string())
+        ),
+        Field::Cache => format!("cache {}", if c.use_cache { "on" } else { "off" }),
+        Field::Length => format!("n {}", c.max_new_tokens),
+        Field::Steps => format!("steps {}", c.steps),
+        Field::Load => match c.load {
+            Load::Concurrency(n) => format!("c {n}"),
+            Load::Rate(r) => format!("rate {r}/s"),
+        },
+    }
 }
 
-/// Accuracy against mean NFE: one line per setting, one point per threshold.
-pub fn accuracy_vs_nfe(path: &Path, summaries: &[Summary]) -> Result<()> {
-    let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    for s in summaries {
-        if let Some(acc) = s.accuracy {
-            lines
-                .entry(setting_name(s))
-                .or_default()
-                .push((s.nfe_mean, acc));
+const FIELDS: [Field; 7] = [
+    Field::Pipeline,
+    Field::Alg,
+    Field::Threshold,
+    Field::Cache,
+    Field::Length,
+    Field::Steps,
+    Field::Load,
+];
+
+/// A series name from the fields (other than `except`) that differ between `summaries`:
+/// names stay short and say only what tells the lines apart.
+fn namer(summaries: &[Summary], except: &[Field]) -> impl Fn(&Summary) -> String {
+    let varying: Vec<Field> = FIELDS
+        .iter()
+        .copied()
+        .filter(|f| !except.contains(f))
+        .filter(|&f| {
+            summaries
+                .iter()
+                .map(|s| field(s, f))
+                .collect::<BTreeSet<_>>()
+                .len()
+                > 1
+        })
+        .collect();
+    move |s: &Summary| {
+        if varying.is_empty() {
+            // Nothing varies: name the setting in full.
+            FIELDS
+                .iter()
+                .filter(|f| !except.contains(f) && **f != Field::Steps)
+                .map(|&f| field(s, f))
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            varying
+                .iter()
+                .map(|&f| field(s, f))
+                .collect::<Vec<_>>()
+                .join(", ")
         }
+    }
+}
+
+/// Accuracy against mean NFE: one line per setting, one labelled point per threshold.
+pub fn accuracy_vs_nfe(path: &Path, summaries: &[Summary], format: PlotFormat) -> Result<()> {
+    let scored: Vec<Summary> = summaries
+        .iter()
+        .filter(|s| s.accuracy.is_some())
+        .cloned()
+        .collect();
+    let name = namer(&scored, &[Field::Threshold, Field::Load]);
+    // Accuracy does not depend on the load: one point per threshold, from the first load.
+    let mut lines: BTreeMap<String, BTreeMap<String, &Summary>> = BTreeMap::new();
+    for s in &scored {
+        lines
+            .entry(name(s))
+            .or_default()
+            .entry(field(s, Field::Threshold))
+            .or_insert(s);
     }
     let series: Vec<Series> = lines
         .into_iter()
-        .map(|(name, mut points)| {
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            points.dedup();
-            Series { name, points }
+        .map(|(name, points)| {
+            let mut pts: Vec<&Summary> = points.into_values().collect();
+            pts.sort_by(|a, b| a.nfe_mean.total_cmp(&b.nfe_mean));
+            Series {
+                name,
+                points: pts
+                    .iter()
+                    .map(|s| (s.nfe_mean, s.accuracy.unwrap_or(0.0)))
+                    .collect(),
+                labels: pts
+                    .iter()
+                    .map(|s| s.config.threshold.map_or("none".into(), |t| t.to_string()))
+                    .collect(),
+                bars: pts.iter().map(|s| s.accuracy_ci95).collect(),
+            }
         })
         .collect();
-    line_chart(
+    draw(
         path,
-        "Accuracy vs forward passes (one point per threshold)",
-        "mean NFE",
-        "accuracy",
-        &series,
+        &Chart {
+            title: "Accuracy vs forward passes (labels: threshold)",
+            x_label: "mean forward passes per request (NFE, log scale)",
+            y_label: "accuracy (95% interval)",
+            // NFE runs from 1 to the response length, and confident decoding crowds its
+            // points near 1: a log scale keeps them apart.
+            x: XAxis::Log,
+            y: None,
+            y_max: Some(1.04),
+            series: &series,
+        },
+        format,
     )
 }
 
-/// Tokens per second against concurrency (closed-loop points only).
-pub fn throughput_vs_concurrency(path: &Path, summaries: &[Summary]) -> Result<()> {
+/// Answer tokens per second against concurrency (closed-loop points only).
+pub fn throughput_vs_concurrency(
+    path: &Path,
+    summaries: &[Summary],
+    format: PlotFormat,
+) -> Result<()> {
+    let closed: Vec<Summary> = summaries
+        .iter()
+        .filter(|s| matches!(s.config.load, Load::Concurrency(_)))
+        .cloned()
+        .collect();
+    let name = namer(&closed, &[Field::Load]);
     let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
-    for s in summaries {
+    let mut ticks = BTreeSet::new();
+    for s in &closed {
         if let Load::Concurrency(c) = s.config.load {
-            let thr = s.config.threshold.map_or("none".into(), |t| t.to_string());
+            ticks.insert(c);
             lines
-                .entry(format!("{} thr {thr}", setting_name(s)))
+                .entry(name(s))
                 .or_default()
-                .push((c as f64, s.tokens_per_s));
+                .push((c as f64, s.answer_tokens_per_s));
         }
     }
     let series: Vec<Series> = lines
         .into_iter()
         .map(|(name, mut points)| {
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            Series { name, points }
+            Series::new(name, points)
         })
         .collect();
-    line_chart(
+    draw(
         path,
-        "Throughput vs concurrency",
-        "concurrent requests",
-        "tokens / s",
-        &series,
+        &Chart {
+            title: "Answer throughput vs concurrency",
+            x_label: "concurrent requests",
+            y_label: "answer tokens / s",
+            x: XAxis::Ticks(ticks.into_iter().map(|c| c as f64).collect()),
+            y: None,
+            y_max: None,
+            series: &series,
+        },
+        format,
     )
 }
 
-/// Empirical latency CDF per configuration.
-pub fn latency_cdf(path: &Path, summaries: &[Summary]) -> Result<()> {
-    let series: Vec<Series> = summaries
+/// Median and p99 latency against the offered rate (open-loop points only).
+pub fn latency_vs_rate(path: &Path, summaries: &[Summary], format: PlotFormat) -> Result<()> {
+    let open: Vec<Summary> = summaries
+        .iter()
+        .filter(|s| matches!(s.config.load, Load::Rate(_)))
+        .cloned()
+        .collect();
+    let name = namer(&open, &[Field::Load]);
+    let mut lines: BTreeMap<String, Vec<&Summary>> = BTreeMap::new();
+    let mut ticks: Vec<f64> = Vec::new();
+    for s in &open {
+        if let Load::Rate(r) = s.config.load {
+            if !ticks.contains(&r) {
+                ticks.push(r);
+            }
+            lines.entry(name(s)).or_default().push(s);
+        }
+    }
+    ticks.sort_by(f64::total_cmp);
+    let rate = |s: &Summary| match s.config.load {
+        Load::Rate(r) => r,
+        Load::Concurrency(c) => c as f64,
+    };
+    let mut series = Vec::new();
+    for (name, mut pts) in lines {
+        pts.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+        series.push(Series::new(
+            format!("{name} p50"),
+            pts.iter().map(|s| (rate(s), s.latency_p50_s)).collect(),
+        ));
+        series.push(Series::new(
+            format!("{name} p99"),
+            pts.iter().map(|s| (rate(s), s.latency_p99_s)).collect(),
+        ));
+    }
+    draw(
+        path,
+        &Chart {
+            title: "Latency vs offered rate (open loop)",
+            x_label: "offered rate (requests / s)",
+            y_label: "latency (s)",
+            x: XAxis::Ticks(ticks),
+            y: None,
+            y_max: None,
+            series: &series,
+        },
+        format,
+    )
+}
+
+/// Empirical latency CDF per configuration, log-scaled latency.
+pub fn latency_cdf(path: &Path, summaries: &[Summary], format: PlotFormat) -> Result<()> {
+    let with: Vec<Summary> = summaries
         .iter()
         .filter(|s| !s.latencies_s.is_empty())
+        .cloned()
+        .collect();
+    let name = namer(&with, &[]);
+    let series: Vec<Series> = with
+        .iter()
         .map(|s| {
             let n = s.latencies_s.len() as f64;
-            Series {
-                name: s.key.clone(),
-                points: s
-                    .latencies_s
+            Series::new(
+                name(s),
+                s.latencies_s
                     .iter()
                     .enumerate()
                     .map(|(i, &l)| (l, (i + 1) as f64 / n))
                     .collect(),
-            }
+            )
         })
         .collect();
-    line_chart(
+    draw(
         path,
-        "Latency CDF",
-        "latency (s)",
-        "fraction of requests",
-        &series,
+        &Chart {
+            title: "Latency distribution",
+            x_label: "latency (s, log scale)",
+            y_label: "share of requests answered",
+            x: XAxis::Log,
+            y: Some((0.0, 1.02)),
+            y_max: None,
+            series: &series,
+        },
+        format,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_styles_are_distinct() {
+        let pairs: BTreeSet<(usize, usize)> =
+            (0..70).map(|i| (i % COLORS.len(), i % MARKERS)).collect();
+        assert_eq!(pairs.len(), 70);
+        let colors: BTreeSet<(u8, u8, u8)> = COLORS.iter().map(|c| (c.0, c.1, c.2)).collect();
+        assert_eq!(colors.len(), COLORS.len());
+    }
+
+    #[test]
+    fn formats_parse() {
+        assert_eq!("PNG".parse::<PlotFormat>().unwrap(), PlotFormat::Png);
+        assert_eq!("svg".parse::<PlotFormat>().unwrap(), PlotFormat::Svg);
+        assert!("gif".parse::<PlotFormat>().is_err());
+    }
 }
