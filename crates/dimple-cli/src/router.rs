@@ -21,6 +21,10 @@ pub struct RouterArgs {
     /// Address of the HTTP `/metrics` endpoint.
     #[arg(long, default_value = "0.0.0.0:9090", env = "DIMPLE_METRICS_LISTEN")]
     pub metrics_listen: SocketAddr,
+    /// Optional plaintext listener serving only `grpc.health.v1` (for probes when the main
+    /// port needs TLS): `""` is liveness, the service name readiness.
+    #[arg(long, env = "DIMPLE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Model directory: only tokenizer.json, the chat template and preprocessor_config.json
     /// are read. The built-in demo tokenizer when absent.
     #[arg(long, env = "DIMPLE_MODEL")]
@@ -49,6 +53,10 @@ pub struct RouterArgs {
     /// Largest gRPC message, in and out.
     #[arg(long, default_value_t = 64 << 20, env = "DIMPLE_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: usize,
+    /// Generation requests served at once at most; beyond, RESOURCE_EXHAUSTED at once
+    /// (0: no limit).
+    #[arg(long, default_value_t = 0, env = "DIMPLE_MAX_PENDING")]
+    pub max_pending: usize,
     /// Running requests get this long to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "DIMPLE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
@@ -95,25 +103,24 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         tls,
         images: serving::image_limits(&source.preprocess_config()?),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        max_pending: args.max_pending,
         ..RouterConfig::default()
     };
     let registry = Registry::new();
     let router = Router::new(prompt, cfg, &registry)?;
     serving::block_on(async move {
         let shutdown = Shutdown::on_signals();
-        serving::spawn_metrics(
+        let metrics = serving::spawn_metrics(
             args.metrics_listen,
             serving::renderer(registry, router.metrics_refresher()),
-            &shutdown,
         )
         .await?;
-        let listener = serving::bind(args.listen, "--listen").await?;
+        let listeners = serving::listeners(args.listen, args.health_listen).await?;
         eprintln!(
-            "dimple router: listening on {} (metrics on {})",
-            listener.local_addr()?,
-            args.metrics_listen
+            "dimple router: listening on {} (metrics on {metrics})",
+            listeners.grpc.local_addr()?,
         );
-        dimple_router::serve(listener, router, shutdown.wait()).await?;
+        dimple_router::serve(listeners, router, shutdown.wait()).await?;
         Ok(())
     })
 }

@@ -22,6 +22,10 @@ pub struct ServeArgs {
     /// Address of the HTTP `/metrics` endpoint.
     #[arg(long, default_value = "127.0.0.1:9090", env = "DIMPLE_METRICS_LISTEN")]
     pub metrics_listen: SocketAddr,
+    /// Optional plaintext listener serving only `grpc.health.v1` (for probes when the main
+    /// port needs TLS): `""` is liveness, the service name readiness.
+    #[arg(long, env = "DIMPLE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Checkpoint directory; the built-in demo model when absent.
     #[arg(long, env = "DIMPLE_MODEL")]
     pub model: Option<PathBuf>,
@@ -56,30 +60,40 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 r();
             }
         };
-        serving::spawn_metrics(
-            args.metrics_listen,
-            serving::renderer(registry, refresh),
-            &shutdown,
-        )
-        .await?;
-        let listener = serving::bind(args.listen, "--listen").await?;
+        let metrics =
+            serving::spawn_metrics(args.metrics_listen, serving::renderer(registry, refresh))
+                .await?;
+        let listeners = serving::listeners(args.listen, args.health_listen).await?;
         eprintln!(
-            "dimple serve: {} on {} (metrics on http://{}/metrics)",
+            "dimple serve: {} on {} (metrics on http://{metrics}/metrics)",
             source.name(),
-            listener.local_addr()?,
-            args.metrics_listen
+            listeners.grpc.local_addr()?,
         );
         let worker_task = tokio::spawn(dimple_worker::serve(
             worker_listener,
             worker,
             ServeOptions {
                 advertise_addr: worker_addr.to_string(),
+                step_watchdog: args.engine.step_watchdog()?,
                 ..ServeOptions::default()
             },
             shutdown.wait(),
         ));
-        dimple_router::serve(listener, router, shutdown.wait()).await?;
-        worker_task.await??;
+        let router_task = dimple_router::serve(listeners, router, shutdown.wait());
+        tokio::pin!(router_task);
+        let mut worker_task = worker_task;
+        tokio::select! {
+            r = &mut router_task => {
+                r?;
+                worker_task.await??;
+            }
+            // The worker ends first only when its engine failed: the process exits non-zero
+            // (its supervisor restarts it) instead of serving a router with no engine.
+            w = &mut worker_task => {
+                w??;
+                router_task.await?;
+            }
+        }
         Ok(())
     })
 }

@@ -44,9 +44,28 @@ pub struct EngineArgs {
     /// Prompt tokens (image tokens included) at most.
     #[arg(long, default_value_t = EngineConfig::default().max_prompt_tokens, env = "DIMPLE_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: usize,
+    /// A step running longer than this many seconds marks the worker NOT_SERVING until steps
+    /// finish again (0: no watchdog).
+    #[arg(long, default_value_t = 60.0, env = "DIMPLE_STEP_WATCHDOG_SECS")]
+    pub step_watchdog_secs: f64,
 }
 
 impl EngineArgs {
+    /// The worker's step watchdog.
+    pub fn step_watchdog(&self) -> anyhow::Result<Option<std::time::Duration>> {
+        if self.step_watchdog_secs == 0.0 {
+            return Ok(None);
+        }
+        std::time::Duration::try_from_secs_f64(self.step_watchdog_secs)
+            .map(Some)
+            .with_context(|| {
+                format!(
+                    "`--step-watchdog-secs` must be a number of seconds, got {}",
+                    self.step_watchdog_secs
+                )
+            })
+    }
+
     pub fn config(&self) -> EngineConfig {
         EngineConfig {
             max_active: self.max_active,
@@ -158,16 +177,27 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding `{flag}` {addr}"))
 }
 
-/// Serves `/metrics` in the background until the shutdown signal.
-pub async fn spawn_metrics(
-    addr: SocketAddr,
-    render: Render,
-    shutdown: &Shutdown,
-) -> anyhow::Result<()> {
+/// Serves `/metrics` in the background for as long as the process runs (a drain included:
+/// it is when the numbers matter most). Returns the address bound (`:0` picks a port).
+pub async fn spawn_metrics(addr: SocketAddr, render: Render) -> anyhow::Result<SocketAddr> {
     let listener = bind(addr, "--metrics-listen").await?;
-    tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
-    tokio::spawn(serve_metrics(listener, render, shutdown.wait()));
-    Ok(())
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "metrics on /metrics");
+    tokio::spawn(serve_metrics(listener, render, std::future::pending()));
+    Ok(local)
+}
+
+/// The server's listeners: `listen`, and `--health-listen` when given.
+pub async fn listeners(
+    listen: SocketAddr,
+    health: Option<SocketAddr>,
+) -> anyhow::Result<dimple_proto::listeners::Listeners> {
+    let grpc = bind(listen, "--listen").await?;
+    let health = match health {
+        Some(a) => Some(bind(a, "--health-listen").await?),
+        None => None,
+    };
+    Ok(dimple_proto::listeners::Listeners { grpc, health })
 }
 
 /// A renderer of `registry` that runs `refresh` first (gauges read at scrape time).

@@ -25,6 +25,10 @@ pub struct WorkerArgs {
     /// Address of the HTTP `/metrics` endpoint.
     #[arg(long, default_value = "0.0.0.0:9091", env = "DIMPLE_METRICS_LISTEN")]
     pub metrics_listen: SocketAddr,
+    /// Optional plaintext listener serving only `grpc.health.v1` (for probes when the main
+    /// port needs TLS): `""` is liveness, the service name readiness.
+    #[arg(long, env = "DIMPLE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Checkpoint directory; the built-in demo model when absent.
     #[arg(long, env = "DIMPLE_MODEL")]
     pub model: Option<PathBuf>,
@@ -60,13 +64,10 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             let w = worker.clone();
             move || w.refresh_metrics()
         };
-        serving::spawn_metrics(
-            args.metrics_listen,
-            serving::renderer(registry, refresh),
-            &shutdown,
-        )
-        .await?;
-        let listener = serving::bind(args.listen, "--listen").await?;
+        let metrics =
+            serving::spawn_metrics(args.metrics_listen, serving::renderer(registry, refresh))
+                .await?;
+        let listeners = serving::listeners(args.listen, args.health_listen).await?;
         let advertise_addr = args
             .advertise_addr
             .clone()
@@ -81,14 +82,15 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             advertise_addr,
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             max_message_bytes: args.max_message_bytes,
+            step_watchdog: args.engine.step_watchdog()?,
+            ..ServeOptions::default()
         };
         eprintln!(
-            "dimple worker: {} on {} (metrics on {})",
+            "dimple worker: {} on {} (metrics on {metrics})",
             source.name(),
-            listener.local_addr()?,
-            args.metrics_listen
+            listeners.grpc.local_addr()?,
         );
-        dimple_worker::serve(listener, worker, opts, shutdown.wait()).await?;
+        dimple_worker::serve(listeners, worker, opts, shutdown.wait()).await?;
         Ok(())
     })
 }

@@ -555,7 +555,8 @@ async fn tls_api_keys_health_and_graceful_drain() {
         };
     assert!(plain);
 
-    // Health needs no key; it turns NOT_SERVING when draining, while a running stream ends normally.
+    // Health needs no key; readiness turns NOT_SERVING when draining, while a running stream
+    // ends normally.
     let mut health = HealthClient::new(channel);
     let check = health
         .check(HealthCheckRequest {
@@ -566,7 +567,7 @@ async fn tls_api_keys_health_and_graceful_drain() {
     assert_eq!(check.into_inner().status(), ServingStatus::Serving);
     let mut watch = health
         .watch(HealthCheckRequest {
-            service: String::new(),
+            service: "dimple.v1.Dimple".into(),
         })
         .await
         .unwrap()

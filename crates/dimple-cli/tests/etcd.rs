@@ -249,3 +249,114 @@ async fn requests_are_still_routed_when_etcd_goes_away() {
         .collect();
     assert_eq!(known, vec![worker.addr]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_engine_takes_its_worker_out_of_the_cluster() {
+    use dimple_engine::{FaultInjection, FaultKind};
+    use dimple_proto::worker;
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let endpoint = test_etcd().await;
+    let prefix = unique_prefix("engine-failure");
+    let mut etcd_config = etcd_cfg(&endpoint, &prefix);
+    // Long enough that the key can only go by being revoked.
+    etcd_config.lease_ttl = Duration::from_secs(60);
+    let fault = FaultInjection {
+        rank: 0,
+        forward_pass: 5,
+        kind: FaultKind::Panic,
+    };
+    let mut w = WorkerProc::start_faulty(engine_config(), fault, Some(etcd_config));
+    let etcd = etcd_client::Client::connect([endpoint.as_str()], None)
+        .await
+        .unwrap();
+    let registered = || {
+        let mut etcd = etcd.clone();
+        let prefix = prefix.clone();
+        async move {
+            let opts = etcd_client::GetOptions::new().with_prefix();
+            !etcd.get(prefix, Some(opts)).await.unwrap().kvs().is_empty()
+        }
+    };
+    let t = Instant::now();
+    while !registered().await {
+        assert!(t.elapsed() < Duration::from_secs(5), "the worker registers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let serving = ServingStatus::Serving as i32;
+    while health(w.addr, dimple_worker::server::SERVICE_NAME).await != serving {
+        assert!(t.elapsed() < Duration::from_secs(5), "the worker turns ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A request in flight when the engine fails is told so, distinctly.
+    let mut client = worker::worker_client::WorkerClient::connect(format!("http://{}", w.addr))
+        .await
+        .unwrap();
+    let req = worker::GenerateRequest {
+        request_id: "victim".into(),
+        prompt_ids: vec![5, 6, 7],
+        images: vec![],
+        params: Some(worker::DecodeParams {
+            max_new_tokens: 64,
+            steps: 64,
+            alg: "maskgit_plus".into(),
+            pipeline: "dim".into(),
+            use_original_confidence: true,
+            ..Default::default()
+        }),
+    };
+    let mut stream = client.generate(req.clone()).await.unwrap().into_inner();
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("no hang")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended without the failure"),
+            Err(s) => break s,
+        }
+    };
+    let failed_at = Instant::now();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        dimple_proto::failure::is_engine_failed(&status),
+        "{:?}",
+        status.metadata()
+    );
+    assert!(
+        status.message().contains("engine failed") && status.message().contains("injected"),
+        "{}",
+        status.message()
+    );
+
+    // NOT_SERVING and deregistered at once, long before the lease could expire; new
+    // requests are refused.
+    let not_serving = ServingStatus::NotServing as i32;
+    loop {
+        let ready = health(w.addr, dimple_worker::server::SERVICE_NAME).await;
+        if ready == not_serving && !registered().await {
+            break;
+        }
+        assert!(
+            failed_at.elapsed() < Duration::from_secs(1),
+            "still serving or registered {:?} after the failure",
+            failed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "engine failure: NOT_SERVING and deregistered after {:?}",
+        failed_at.elapsed()
+    );
+    let refused = client.generate(req).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(!w.worker.load().accepting);
+
+    // Then the server ends with the engine's failure (the process exits non-zero).
+    match w.ended(Duration::from_secs(10)).await {
+        Err(dimple_worker::WorkerError::EngineFailed(why)) => assert!(why.contains("injected")),
+        other => panic!("expected the engine failure, got {other:?}"),
+    }
+    assert!(failed_at.elapsed() >= Duration::from_secs(1), "a grace period first");
+}

@@ -2,7 +2,8 @@
 //!
 //! Layout: `prompt` (tokenizer and chat template), `validate` (requests into
 //! [`validate::ValidRequest`]: prompt ids, image header probe, resolved parameters, limits),
-//! `pool` (known workers, least-outstanding choice, load polling), `discovery` (static list
+//! `pool` (known workers, least-outstanding choice, load polling, re-routing away from
+//! workers that stop answering), `retry` (the router-wide retry budget), `discovery` (static list
 //! or etcd watch), `service` (the gRPC service: dispatch, retries, streaming, deadlines,
 //! cancellation), `auth` (API keys), `metrics`, `server` ([`serve`]: TLS, health, reflection,
 //! graceful drain), `error`.
@@ -16,6 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod pool;
 pub mod prompt;
+pub mod retry;
 pub mod server;
 pub mod service;
 pub mod validate;

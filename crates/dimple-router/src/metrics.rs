@@ -11,6 +11,9 @@ use prometheus::{
 /// Values of the `rpc` label.
 pub const RPCS: [&str; 4] = ["generate", "generate_stream", "tokenize", "get_model_info"];
 
+/// Values of the `reason` label of denied retries.
+pub const RETRY_DENIALS: [&str; 2] = ["budget", "engine_failed"];
+
 pub struct RouterMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
@@ -18,8 +21,10 @@ pub struct RouterMetrics {
     first_commit: Histogram,
     steps: Histogram,
     retries: IntCounter,
+    retries_denied: IntCounterVec,
     workers: IntGauge,
     inflight: IntGauge,
+    draining: IntGauge,
 }
 
 impl RouterMetrics {
@@ -51,13 +56,30 @@ impl RouterMetrics {
             "Attempts on another worker after a failure.",
         )?;
         registry.register(Box::new(retries.clone()))?;
+        let retries_denied = IntCounterVec::new(
+            Opts::new(
+                names::ROUTER_RETRIES_DENIED,
+                "Retries not made: the retry budget was spent, or the request failed two engines.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(retries_denied.clone()))?;
+        for r in RETRY_DENIALS {
+            retries_denied.with_label_values(&[r]);
+        }
         let workers = gauge(registry, names::ROUTER_WORKERS, "Workers known.")?;
         let inflight = gauge(
             registry,
             names::ROUTER_INFLIGHT,
             "Generation requests being served.",
         )?;
+        let draining = gauge(
+            registry,
+            names::ROUTER_DRAINING,
+            "1 while the router drains (after SIGTERM), else 0.",
+        )?;
         Ok(Self {
+            draining,
             requests,
             duration,
             queue: histogram(
@@ -79,6 +101,7 @@ impl RouterMetrics {
                 &COUNT_BUCKETS,
             )?,
             retries,
+            retries_denied,
             workers,
             inflight,
         })
@@ -102,8 +125,17 @@ impl RouterMetrics {
         self.retries.inc();
     }
 
+    /// A retry not made; `reason` is one of [`RETRY_DENIALS`].
+    pub fn retry_denied(&self, reason: &'static str) {
+        self.retries_denied.with_label_values(&[reason]).inc();
+    }
+
     pub fn set_workers(&self, n: usize) {
         self.workers.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.set(1);
     }
 
     pub fn inflight(&self) -> &IntGauge {

@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use dimple_proto::v1::dimple_server::DimpleServer;
 use prometheus::Registry;
-use tokio::net::TcpListener;
+use dimple_proto::listeners::Listeners;
 use tokio::sync::{Notify, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -22,6 +23,7 @@ use crate::discovery::{self, Discovery};
 use crate::metrics::RouterMetrics;
 use crate::pool::{ChannelOptions, WorkerPool};
 use crate::prompt::PromptBuilder;
+use crate::retry::RetryBudgetConfig;
 use crate::service::{RouterService, RouterState, ServiceLimits};
 use crate::validate::{ImageLimits, Validator};
 
@@ -48,6 +50,11 @@ pub struct RouterConfig {
     /// Running requests get this long to finish after shutdown begins.
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Retries across workers allowed, router-wide.
+    pub retry_budget: RetryBudgetConfig,
+    /// Generation requests served at once at most; beyond, RESOURCE_EXHAUSTED at once
+    /// (0: no limit).
+    pub max_pending: usize,
 }
 
 impl Default for RouterConfig {
@@ -62,6 +69,8 @@ impl Default for RouterConfig {
             poll_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(2),
+            retry_budget: RetryBudgetConfig::default(),
+            max_pending: 0,
         }
     }
 }
@@ -87,11 +96,14 @@ impl Router {
         let pool = WorkerPool::new(ChannelOptions {
             connect_timeout: cfg.connect_timeout,
             max_message_bytes: cfg.max_message_bytes,
+            poll_interval: cfg.poll_interval,
+            retry_budget: cfg.retry_budget,
         });
         let validator = Validator::new(Arc::new(prompt), cfg.images);
         let limits = ServiceLimits {
             request_timeout: cfg.request_timeout,
             max_message_bytes: cfg.max_message_bytes,
+            max_pending: cfg.max_pending,
         };
         Ok(Self {
             state: Arc::new(RouterState::new(pool, validator, metrics, limits)),
@@ -110,12 +122,20 @@ impl Router {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then drains.
+/// Serves `router` on `listeners` until `shutdown` completes, then drains.
+///
+/// Health: `""` is liveness (SERVING while the process runs, drain included);
+/// [`SERVICE_NAME`] is readiness (SERVING while at least one worker is known and the router
+/// is not draining).
 pub async fn serve(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
+    let Listeners {
+        grpc: listener,
+        health: health_listener,
+    } = listeners.into();
     let Router { state, cfg } = router;
     let local = listener
         .local_addr()
@@ -130,8 +150,24 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
+    // Lives until `serve` returns: probes keep working through the drain.
+    let (_health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(l) = health_listener {
+        let probes = Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(TcpIncoming::from(l), async {
+                let _ = health_stopped.await;
+            });
+        tokio::spawn(probes);
+    }
+    let (draining_tx, draining) = watch::channel(false);
+    tokio::spawn(publish_readiness(
+        state.pool.clone(),
+        health.clone(),
+        draining,
+    ));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(dimple_proto::FILE_DESCRIPTOR_SET)
@@ -168,13 +204,13 @@ pub async fn serve(
     let drain_started = Arc::new(Notify::new());
     let signal = {
         let health = health.clone();
+        let state = state.clone();
         let drain_started = drain_started.clone();
         async move {
             shutdown.await;
             tracing::info!("router draining");
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
+            state.metrics.set_draining();
+            draining_tx.send_replace(true);
             health
                 .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
                 .await;
@@ -197,4 +233,41 @@ pub async fn serve(
     };
     let _ = stop_tx.send(true);
     result
+}
+
+/// Keeps the readiness status ([`SERVICE_NAME`]) in line with the worker set until the
+/// router drains (the drain sets NOT_SERVING itself).
+async fn publish_readiness(
+    pool: WorkerPool,
+    health: tonic_health::server::HealthReporter,
+    mut draining: watch::Receiver<bool>,
+) {
+    let mut workers = pool.subscribe();
+    let mut published = None;
+    loop {
+        let ready = !pool.is_empty();
+        if *draining.borrow() {
+            return;
+        }
+        if published != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(SERVICE_NAME, status).await;
+            published = Some(ready);
+            // A drain that began meanwhile set NOT_SERVING first: keep that.
+            if *draining.borrow() {
+                health
+                    .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                    .await;
+                return;
+            }
+        }
+        tokio::select! {
+            r = workers.changed() => if r.is_err() { return },
+            _ = draining.changed() => {}
+        }
+    }
 }

@@ -33,6 +33,8 @@ use crate::validate::{ModelView, ValidRequest, Validator};
 const MAX_ATTEMPTS: usize = 8;
 /// How long a worker may take to describe its model.
 const INFO_TIMEOUT: Duration = Duration::from_secs(3);
+/// The most a client's deadline is shortened by so that our answer beats its own timer.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 
 /// Limits the service applies itself.
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +43,9 @@ pub struct ServiceLimits {
     pub request_timeout: Duration,
     /// Reported in `ModelInfo.limits`.
     pub max_message_bytes: usize,
+    /// Generation requests this router serves at once at most; beyond, RESOURCE_EXHAUSTED
+    /// at once (0: no limit).
+    pub max_pending: usize,
 }
 
 /// What every call shares.
@@ -50,6 +55,8 @@ pub struct RouterState {
     pub metrics: RouterMetrics,
     pub limits: ServiceLimits,
     next_id: AtomicU64,
+    /// Places for generation requests (`limits.max_pending`), `None` without a limit.
+    pending: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl RouterState {
@@ -65,7 +72,23 @@ impl RouterState {
             metrics,
             limits,
             next_id: AtomicU64::new(1),
+            pending: (limits.max_pending > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(limits.max_pending))),
         }
+    }
+
+    /// A place for one generation request, held until it is answered; refused at once when
+    /// `max_pending` requests are in flight.
+    fn admit(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, RouterError> {
+        let Some(pending) = &self.pending else {
+            return Ok(None);
+        };
+        pending.clone().try_acquire_owned().map(Some).map_err(|_| {
+            RouterError::Exhausted(format!(
+                "the router is serving its limit of {} requests (`max_pending`)",
+                self.limits.max_pending
+            ))
+        })
     }
 
     fn prompt(&self) -> &PromptBuilder {
@@ -86,7 +109,11 @@ impl RouterService {
 
     fn deadline(&self, meta: &tonic::metadata::MetadataMap) -> Instant {
         let cap = self.state.limits.request_timeout;
-        Instant::now() + grpc_timeout(meta).map_or(cap, |t| t.min(cap))
+        // The client's timer started before the request reached us: answering a little
+        // early makes the client read DEADLINE_EXCEEDED from us rather than a cancellation
+        // from its own timer.
+        let client = grpc_timeout(meta).map(|t| t.saturating_sub((t / 10).min(DEADLINE_MARGIN)));
+        Instant::now() + client.map_or(cap, |t| t.min(cap))
     }
 
     async fn prepare(
@@ -169,6 +196,7 @@ impl v1::dimple_server::Dimple for RouterService {
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<v1::GenerateResponse>, Status> {
         let mut record = CallRecord::new(&self.state, "generate", true);
+        let _admitted = record.status(self.state.admit())?;
         let deadline = self.deadline(request.metadata());
         let result = async {
             let (valid, model) = self.prepare(request.into_inner()).await?;
@@ -189,6 +217,7 @@ impl v1::dimple_server::Dimple for RouterService {
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let mut record = CallRecord::new(&self.state, "generate_stream", true);
+        let admitted = record.status(self.state.admit())?;
         let deadline = self.deadline(request.metadata());
         let (valid, model) = record.status(self.prepare(request.into_inner()).await)?;
         tracing::Span::current().record("request_id", valid.request_id.as_str());
@@ -206,6 +235,7 @@ impl v1::dimple_server::Dimple for RouterService {
         let _ = tx.send(Ok(first)).await;
         let state = self.state.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
             let result = with_deadline(
                 deadline,
                 dispatch(&state, &valid, &model, deadline, Some(&tx)),
@@ -347,16 +377,29 @@ async fn dispatch(
         images: valid.images.clone(),
         params: Some((&valid.params).into()),
     };
+    let budget = state.pool.retry_budget();
+    budget.record_request();
     let mut failures = Vec::new();
     let mut exhausted = 0;
+    let mut engine_failures = 0;
+    let mut budget_spent = false;
     for (attempt, entry) in ranked.iter().take(MAX_ATTEMPTS).enumerate() {
         if attempt > 0 {
+            if !budget.try_retry() {
+                state.metrics.retry_denied("budget");
+                budget_spent = true;
+                break;
+            }
             state.metrics.retry();
             tracing::debug!(addr = %entry.addr, attempt, "retrying on another worker");
         }
         match attempt_on(state, entry, &wire, valid, model, deadline, tx).await {
             Ok(resp) => return Ok(resp),
             Err(AttemptError::Final(e)) => return Err(e),
+            // A failure at or after the deadline is the deadline's doing, not the worker's.
+            Err(AttemptError::Retry(_)) if Instant::now() >= deadline => {
+                return Err(RouterError::Deadline("no answer in time".into()));
+            }
             Err(AttemptError::Retry(s)) => {
                 if s.code() == tonic::Code::ResourceExhausted {
                     exhausted += 1;
@@ -365,10 +408,26 @@ async fn dispatch(
                 }
                 tracing::warn!(addr = %entry.addr, code = ?s.code(), error = %s.message(), "worker attempt failed");
                 failures.push(format!("{}: {}", entry.addr, s.message()));
+                // The request may be what broke the engine: one more worker may try it,
+                // not every worker.
+                if dimple_proto::failure::is_engine_failed(&s) {
+                    engine_failures += 1;
+                    if engine_failures > 1 {
+                        state.metrics.retry_denied("engine_failed");
+                        return Err(RouterError::Unavailable(format!(
+                            "the engines of {engine_failures} workers failed while serving this request; \
+                             it is not retried further ({})",
+                            failures.join("; ")
+                        )));
+                    }
+                }
             }
         }
     }
-    let detail = failures.join("; ");
+    let mut detail = failures.join("; ");
+    if budget_spent {
+        detail.push_str("; not retried further: the router's retry budget is spent");
+    }
     if exhausted == failures.len() {
         Err(RouterError::Exhausted(format!(
             "every worker's queue is full ({detail})"
@@ -392,7 +451,14 @@ async fn attempt_on(
     let _inflight = entry.begin();
     let mut req = Request::new(wire.clone());
     req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    let mut stream = match entry.client().generate(req).await {
+    let down = entry.went_down();
+    tokio::pin!(down);
+    let mut client = entry.client();
+    let call = tokio::select! {
+        r = client.generate(req) => r,
+        _ = &mut down => Err(stopped_answering(entry)),
+    };
+    let mut stream = match call {
         Ok(r) => r.into_inner(),
         Err(s) if retryable(&s) => return Err(AttemptError::Retry(s)),
         Err(s) => return Err(AttemptError::Final(RouterError::Worker(s))),
@@ -400,12 +466,12 @@ async fn attempt_on(
     let mut row = valid.initial_row(model.mask_token_id);
     let mut streamed = false;
     loop {
-        let next = match tx {
-            Some(tx) => tokio::select! {
-                m = stream.message() => m,
-                _ = tx.closed() => return Err(AttemptError::Final(RouterError::Cancelled)),
-            },
-            None => stream.message().await,
+        let next = tokio::select! {
+            m = stream.message() => m,
+            _ = closed(tx) => return Err(AttemptError::Final(RouterError::Cancelled)),
+            // The worker stopped answering polls (frozen, partitioned): waiting for the
+            // connection to time out would stall this request for many seconds.
+            _ = &mut down => Err(stopped_answering(entry)),
         };
         let failure = match next {
             Ok(Some(worker::GenerateEvent {
@@ -441,6 +507,12 @@ async fn attempt_on(
             Ok(None) => Status::unavailable("the worker ended the stream without a final message"),
             Err(s) => s,
         };
+        // A call cut at the deadline (by tonic's timer or the worker's) is no worker fault.
+        if Instant::now() >= deadline && failure.code() != tonic::Code::InvalidArgument {
+            return Err(AttemptError::Final(RouterError::Deadline(
+                "no answer in time".into(),
+            )));
+        }
         if !streamed && retryable(&failure) {
             return Err(AttemptError::Retry(failure));
         }
@@ -453,6 +525,18 @@ async fn attempt_on(
             ))));
         }
         return Err(AttemptError::Final(RouterError::Worker(failure)));
+    }
+}
+
+fn stopped_answering(entry: &WorkerEntry) -> Status {
+    Status::unavailable(format!("worker {} stopped answering", entry.addr))
+}
+
+/// Completes when the streaming client has gone away; never for a unary call.
+async fn closed(tx: Option<&mpsc::Sender<StreamItem>>) {
+    match tx {
+        Some(tx) => tx.closed().await,
+        None => std::future::pending().await,
     }
 }
 

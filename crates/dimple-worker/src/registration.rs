@@ -38,14 +38,25 @@ enum SessionError {
 pub struct Registration {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    registered: watch::Receiver<bool>,
 }
 
 impl Registration {
     /// Starts registering `record` in the background (it keeps retrying while etcd is away).
     pub fn start(cfg: EtcdConfig, record: WorkerRecord) -> Self {
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(cfg, record, stop_rx));
-        Self { stop, task }
+        let (registered_tx, registered) = watch::channel(false);
+        let task = tokio::spawn(run(cfg, record, stop_rx, registered_tx));
+        Self {
+            stop,
+            task,
+            registered,
+        }
+    }
+
+    /// Whether the worker's key is in etcd under a live lease (false while etcd is away).
+    pub fn registered(&self) -> watch::Receiver<bool> {
+        self.registered.clone()
     }
 
     /// Revokes the lease (so routers drop this worker at once) and stops the task. Bounded:
@@ -61,13 +72,20 @@ impl Registration {
     }
 }
 
-async fn run(cfg: EtcdConfig, record: WorkerRecord, mut stop: watch::Receiver<bool>) {
+async fn run(
+    cfg: EtcdConfig,
+    record: WorkerRecord,
+    mut stop: watch::Receiver<bool>,
+    registered: watch::Sender<bool>,
+) {
     let key = record.key(&cfg.prefix);
     let value = record.to_json();
     let ttl = cfg.lease_ttl.max(Duration::from_secs(1));
     let mut backoff = Duration::from_millis(200);
     loop {
-        match session(&cfg, ttl, &key, &value, &mut stop).await {
+        let result = session(&cfg, ttl, &key, &value, &mut stop, &registered).await;
+        registered.send_replace(false);
+        match result {
             Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, %key, "etcd registration lost; retrying"),
         }
@@ -87,6 +105,7 @@ async fn session(
     key: &str,
     value: &str,
     stop: &mut watch::Receiver<bool>,
+    registered: &watch::Sender<bool>,
 ) -> Result<(), SessionError> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
@@ -98,6 +117,7 @@ async fn session(
         .put(key, value, Some(PutOptions::new().with_lease(lease)))
         .await?;
     tracing::info!(%key, lease, "registered in etcd");
+    registered.send_replace(true);
     let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
     let mut tick = tokio::time::interval(ttl / 3);
     loop {

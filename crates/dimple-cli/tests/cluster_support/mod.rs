@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use dimple_engine::EngineConfig;
-use dimple_model::DimpleModel;
+use dimple_engine::{EngineConfig, FaultInjection, GroupConfig};
+use dimple_model::{Checkpoint, DimpleModel};
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::v1;
 use dimple_proto::v1::dimple_client::DimpleClient;
@@ -42,6 +42,15 @@ pub fn engine_config() -> EngineConfig {
     }
 }
 
+fn worker_config() -> WorkerConfig {
+    WorkerConfig {
+        model_name: "golden".into(),
+        default_max_new_tokens: 16,
+        preprocess: PreprocessConfig::default(),
+        tp: 1,
+    }
+}
+
 /// A worker on its own runtime.
 pub struct WorkerProc {
     pub addr: SocketAddr,
@@ -57,13 +66,48 @@ impl WorkerProc {
         let model =
             DimpleModel::load(&golden(""), DType::F32, &Device::Cpu).expect("golden model loads");
         let registry = Registry::new();
-        let wcfg = WorkerConfig {
-            model_name: "golden".into(),
-            default_max_new_tokens: 16,
-            preprocess: PreprocessConfig::default(),
-            tp: 1,
+        let worker = Worker::start(model, cfg, worker_config(), &registry).expect("worker starts");
+        Self::serve(worker, registry, etcd, ServeOptions::default().step_watchdog)
+    }
+
+    /// A worker whose engine fails as `fault` says (a one-rank group over the golden model).
+    pub fn start_faulty(
+        cfg: EngineConfig,
+        fault: FaultInjection,
+        etcd: Option<EtcdConfig>,
+    ) -> Self {
+        Self::start_faulty_watched(cfg, fault, etcd, ServeOptions::default().step_watchdog)
+    }
+
+    /// [`Self::start_faulty`] with the step watchdog at `step_watchdog`.
+    pub fn start_faulty_watched(
+        cfg: EngineConfig,
+        fault: FaultInjection,
+        etcd: Option<EtcdConfig>,
+        step_watchdog: Option<Duration>,
+    ) -> Self {
+        let registry = Registry::new();
+        let group = GroupConfig {
+            fault: Some(fault),
+            ..GroupConfig::cpu(1)
         };
-        let worker = Worker::start(model, cfg, wcfg, &registry).expect("worker starts");
+        let worker = Worker::start_group(
+            &Checkpoint::Dir(golden("")),
+            group,
+            cfg,
+            worker_config(),
+            &registry,
+        )
+        .expect("worker starts");
+        Self::serve(worker, registry, etcd, step_watchdog)
+    }
+
+    fn serve(
+        worker: Worker,
+        registry: Registry,
+        etcd: Option<EtcdConfig>,
+        step_watchdog: Option<Duration>,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -100,6 +144,7 @@ impl WorkerProc {
             etcd,
             advertise_addr: addr.to_string(),
             drain_timeout: Duration::from_secs(10),
+            step_watchdog,
             ..ServeOptions::default()
         };
         let served = runtime.spawn(dimple_worker::serve(
@@ -118,6 +163,15 @@ impl WorkerProc {
             stop: Some(stop),
             served: Some(served),
         }
+    }
+
+    /// Waits (at most `within`) for the server to end by itself, and returns how it ended.
+    pub async fn ended(&mut self, within: Duration) -> Result<(), dimple_worker::WorkerError> {
+        let h = self.served.take().expect("the server is running");
+        tokio::time::timeout(within, h)
+            .await
+            .expect("the worker server ends in time")
+            .expect("the server task completes")
     }
 
     /// Dies like a killed process: every task and connection of the worker goes at once,
@@ -268,6 +322,25 @@ pub async fn cluster(n: usize, cfg: EngineConfig) -> (RouterProc, Vec<WorkerProc
     let addrs = workers.iter().map(|w| w.addr.to_string()).collect();
     let router = RouterProc::start(router_config(Discovery::Static(addrs))).await;
     (router, workers)
+}
+
+/// The gRPC health status (as its number) of `service` on `addr` (`""`: the process).
+pub async fn health(addr: SocketAddr, service: &str) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(channel);
+    h.check(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
 }
 
 /// `GET /metrics` over plain HTTP/1.1.
