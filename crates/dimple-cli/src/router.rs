@@ -57,6 +57,10 @@ pub struct RouterArgs {
     /// (0: no limit).
     #[arg(long, default_value_t = 0, env = "DIMPLE_MAX_PENDING")]
     pub max_pending: usize,
+    #[command(flatten)]
+    pub internal_tls: serving::InternalTlsArgs,
+    #[command(flatten)]
+    pub etcd_security: serving::EtcdSecurityArgs,
     /// Running requests get this long to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "DIMPLE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
@@ -69,6 +73,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         Discovery::Etcd {
             endpoints: args.etcd_endpoints.clone(),
             prefix: args.etcd_prefix.clone(),
+            security: args.etcd_security.load()?,
         }
     } else if !args.workers.is_empty() {
         Discovery::Static(args.workers.clone())
@@ -104,6 +109,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         images: serving::image_limits(&source.preprocess_config()?),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         max_pending: args.max_pending,
+        internal_tls: args.internal_tls.load()?,
         ..RouterConfig::default()
     };
     let registry = Registry::new();

@@ -33,6 +33,9 @@ pub struct ServeArgs {
     pub ranks: RankArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// Mutual TLS between the embedded router and worker (one certificate serves both).
+    #[command(flatten)]
+    pub internal_tls: serving::InternalTlsArgs,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -46,9 +49,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let worker_listener =
             serving::bind(SocketAddr::from(([127, 0, 0, 1], 0)), "worker (internal)").await?;
         let worker_addr = worker_listener.local_addr()?;
+        let internal_tls = args.internal_tls.load()?;
         let cfg = RouterConfig {
             discovery: Discovery::Static(vec![worker_addr.to_string()]),
             images,
+            internal_tls: internal_tls.clone(),
             ..RouterConfig::default()
         };
         let router = Router::new(prompt, cfg, &registry)?;
@@ -75,6 +80,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             ServeOptions {
                 advertise_addr: worker_addr.to_string(),
                 step_watchdog: args.engine.step_watchdog()?,
+                tls: internal_tls,
                 ..ServeOptions::default()
             },
             shutdown.wait(),

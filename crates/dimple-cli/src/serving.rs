@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -14,6 +15,7 @@ use dimple_engine::EngineConfig;
 use dimple_model::Checkpoint;
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::telemetry::{Render, serve_metrics};
+use dimple_proto::tls::{EtcdSecurity, InternalTls};
 use dimple_router::validate::ImageLimits;
 use dimple_worker::{Worker, WorkerConfig};
 use prometheus::Registry;
@@ -215,4 +217,86 @@ pub fn block_on<T>(fut: impl Future<Output = anyhow::Result<T>>) -> anyhow::Resu
         .build()
         .context("starting the tokio runtime")?
         .block_on(fut)
+}
+
+/// Mutual TLS between routers and workers (all three files, or none).
+#[derive(Args, Debug, Clone)]
+pub struct InternalTlsArgs {
+    /// This process's certificate chain (PEM) for router-worker traffic; with
+    /// `--internal-tls-key` and `--internal-tls-ca`, that traffic uses mutual TLS.
+    #[arg(long, env = "DIMPLE_INTERNAL_TLS_CERT", requires_all = ["internal_tls_key", "internal_tls_ca"])]
+    pub internal_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--internal-tls-cert`.
+    #[arg(long, env = "DIMPLE_INTERNAL_TLS_KEY", requires = "internal_tls_cert")]
+    pub internal_tls_key: Option<PathBuf>,
+    /// CA (PEM) the other side's certificate must chain to.
+    #[arg(long, env = "DIMPLE_INTERNAL_TLS_CA", requires = "internal_tls_cert")]
+    pub internal_tls_ca: Option<PathBuf>,
+}
+
+impl InternalTlsArgs {
+    pub fn load(&self) -> anyhow::Result<Option<InternalTls>> {
+        let (Some(cert), Some(key), Some(ca)) = (
+            &self.internal_tls_cert,
+            &self.internal_tls_key,
+            &self.internal_tls_ca,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(InternalTls {
+            cert_pem: read(cert, "--internal-tls-cert")?,
+            key_pem: read(key, "--internal-tls-key")?,
+            ca_pem: read(ca, "--internal-tls-ca")?,
+        }))
+    }
+}
+
+/// TLS and credentials for etcd (all optional).
+#[derive(Args, Debug, Clone)]
+pub struct EtcdSecurityArgs {
+    /// CA (PEM) of etcd's server certificate; turns TLS on (use `https://` endpoints).
+    #[arg(long, env = "DIMPLE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, when it requires one.
+    #[arg(long, env = "DIMPLE_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--etcd-cert`.
+    #[arg(long, env = "DIMPLE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd username, with `--etcd-password-file`.
+    #[arg(long, env = "DIMPLE_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd password (one line; the trailing newline is ignored).
+    #[arg(long, env = "DIMPLE_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdSecurityArgs {
+    pub fn load(&self) -> anyhow::Result<EtcdSecurity> {
+        let client_pem = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(c), Some(k)) => Some((read(c, "--etcd-cert")?, read(k, "--etcd-key")?)),
+            _ => None,
+        };
+        let user = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(u), Some(p)) => {
+                let password = String::from_utf8(read(p, "--etcd-password-file")?)
+                    .context("`--etcd-password-file` is not UTF-8")?;
+                Some((u.clone(), password.trim_end_matches(['\r', '\n']).to_owned()))
+            }
+            _ => None,
+        };
+        Ok(EtcdSecurity {
+            ca_pem: self
+                .etcd_ca
+                .as_ref()
+                .map(|p| read(p, "--etcd-ca"))
+                .transpose()?,
+            client_pem,
+            user,
+        })
+    }
+}
+
+fn read(path: &std::path::Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading `{flag}` {}", path.display()))
 }

@@ -45,6 +45,10 @@ pub struct WorkerArgs {
     pub lease_ttl_secs: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub internal_tls: serving::InternalTlsArgs,
+    #[command(flatten)]
+    pub etcd_security: serving::EtcdSecurityArgs,
     /// Running requests get this long to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "DIMPLE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
@@ -72,17 +76,22 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             .advertise_addr
             .clone()
             .unwrap_or_else(|| args.listen.to_string());
-        let etcd = (!args.etcd_endpoints.is_empty()).then(|| EtcdConfig {
-            endpoints: args.etcd_endpoints.clone(),
-            prefix: args.etcd_prefix.clone(),
-            lease_ttl: Duration::from_secs(args.lease_ttl_secs),
-        });
+        let etcd = match args.etcd_endpoints.is_empty() {
+            true => None,
+            false => Some(EtcdConfig {
+                endpoints: args.etcd_endpoints.clone(),
+                prefix: args.etcd_prefix.clone(),
+                lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+                security: args.etcd_security.load()?,
+            }),
+        };
         let opts = ServeOptions {
             etcd,
             advertise_addr,
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             max_message_bytes: args.max_message_bytes,
             step_watchdog: args.engine.step_watchdog()?,
+            tls: args.internal_tls.load()?,
             ..ServeOptions::default()
         };
         eprintln!(

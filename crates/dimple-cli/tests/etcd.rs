@@ -65,6 +65,7 @@ fn etcd_cfg(endpoint: &str, prefix: &str) -> EtcdConfig {
         endpoints: vec![endpoint.to_owned()],
         prefix: prefix.to_owned(),
         lease_ttl: Duration::from_secs(2),
+        security: Default::default(),
     }
 }
 
@@ -75,6 +76,7 @@ async fn workers_that_start_are_used_and_workers_that_stop_are_dropped() {
     let router = RouterProc::start(router_config(Discovery::Etcd {
         endpoints: vec![endpoint.clone()],
         prefix: prefix.clone(),
+        security: Default::default(),
     }))
     .await;
     let mut client = router.client().await;
@@ -220,6 +222,7 @@ async fn requests_are_still_routed_when_etcd_goes_away() {
     let router = RouterProc::start(router_config(Discovery::Etcd {
         endpoints: vec![etcd.endpoint.clone()],
         prefix: prefix.clone(),
+        security: Default::default(),
     }))
     .await;
     router

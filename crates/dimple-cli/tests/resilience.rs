@@ -1,7 +1,8 @@
 //! Failures must not spread: a request that kills engines is retried once, not on every
 //! worker; retries stay within the router's budget; expired deadlines are reported as such
 //! and never blamed on a worker; a frozen worker's requests are re-routed within about a
-//! second. Real gRPC on 127.0.0.1, in-process workers (with injected engine faults) and real
+//! second; overload is refused early; router and workers authenticate each other with mutual
+//! TLS. Real gRPC on 127.0.0.1, in-process workers (with injected engine faults) and real
 //! worker processes.
 
 mod cluster_support;
@@ -334,7 +335,7 @@ async fn a_full_worker_refuses_before_decoding_images() {
         .unwrap();
     // One request decoding, one waiting: the queue is full.
     let mut running = Vec::new();
-    for _ in 0..2 {
+    for want_active in [1, 1] {
         running.push(
             client
                 .generate(worker_request(1000, vec![]))
@@ -342,6 +343,11 @@ async fn a_full_worker_refuses_before_decoding_images() {
                 .unwrap()
                 .into_inner(),
         );
+        let t = std::time::Instant::now();
+        while w.worker.load().active < want_active {
+            assert!(t.elapsed() < Duration::from_secs(5));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     let t = std::time::Instant::now();
     while w.worker.load().waiting < 1 {
@@ -399,4 +405,149 @@ async fn the_router_refuses_beyond_max_pending_at_once() {
         .generate(small_request(4))
         .await
         .expect("places free up");
+}
+
+/// Certificates made for one test with the `openssl` command line: two CAs, and leaf
+/// certificates (for 127.0.0.1 and localhost, server and client use) signed by either.
+struct TestPki {
+    dir: std::path::PathBuf,
+}
+
+impl TestPki {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "dimple-pki-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("leaf.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .unwrap_or_else(|e| panic!("these tests need the `openssl` command: {e}"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn ca(&self, name: &str) {
+        self.openssl(&[
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", &format!("/CN={name}"),
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign",
+            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"),
+        ]);
+    }
+
+    /// A leaf certificate `name` signed by `ca`, as this component's TLS settings (trusting
+    /// `trust`).
+    fn leaf(&self, name: &str, ca: &str, trust: &str) -> dimple_proto::tls::InternalTls {
+        self.openssl(&[
+            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-subj", &format!("/CN={name}"),
+            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"),
+        ]);
+        self.openssl(&[
+            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.crt"),
+            "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", "leaf.ext", "-out", &format!("{name}.crt"),
+        ]);
+        let read = |f: String| std::fs::read(self.dir.join(f)).unwrap();
+        dimple_proto::tls::InternalTls {
+            cert_pem: read(format!("{name}.crt")),
+            key_pem: read(format!("{name}.key")),
+            ca_pem: read(format!("{trust}.crt")),
+        }
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_and_workers_authenticate_each_other_with_mutual_tls() {
+    use dimple_proto::worker::{LoadRequest, worker_client::WorkerClient};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    let pki = TestPki::new();
+    pki.ca("cluster-ca");
+    pki.ca("other-ca");
+    let worker_tls = pki.leaf("worker", "cluster-ca", "cluster-ca");
+    let router_tls = pki.leaf("router", "cluster-ca", "cluster-ca");
+    let rogue_tls = pki.leaf("rogue", "other-ca", "cluster-ca");
+
+    let worker = WorkerProc::start_tls(engine_config(), worker_tls.clone());
+    let mut cfg = router_config(Discovery::Static(vec![worker.addr.to_string()]));
+    cfg.internal_tls = Some(router_tls.clone());
+    let router = RouterProc::start(cfg).await;
+    let answer = router
+        .client()
+        .await
+        .generate(small_request(4))
+        .await
+        .expect("served over mutual TLS")
+        .into_inner();
+    assert_eq!(answer.token_ids.len(), 4);
+
+    // A client that checks the worker but has no certificate of its own is refused, and so
+    // is a plaintext one.
+    let no_cert = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&worker_tls.ca_pem))
+        .domain_name("localhost");
+    let anonymous = async {
+        let ch = Endpoint::from_shared(format!("https://{}", worker.addr))
+            .unwrap()
+            .tls_config(no_cert)
+            .unwrap()
+            .connect()
+            .await?;
+        WorkerClient::new(ch)
+            .load(LoadRequest {})
+            .await
+            .map_err(|s| Box::new(s) as Box<dyn std::error::Error>)?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    };
+    assert!(anonymous.await.is_err(), "a client without a certificate got in");
+    let plain = async {
+        let mut c = WorkerClient::connect(format!("http://{}", worker.addr)).await?;
+        c.load(LoadRequest {})
+            .await
+            .map_err(|s| Box::new(s) as Box<dyn std::error::Error>)?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    };
+    assert!(plain.await.is_err(), "a plaintext client got in");
+
+    // A worker whose certificate comes from another CA is not trusted by the router.
+    let rogue = WorkerProc::start_tls(engine_config(), rogue_tls);
+    let mut cfg = router_config(Discovery::Static(vec![rogue.addr.to_string()]));
+    cfg.internal_tls = Some(router_tls);
+    let router = RouterProc::start(cfg).await;
+    let s = router
+        .client()
+        .await
+        .generate(small_request(4))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+    assert_eq!(rogue.worker.load().outstanding, 0);
 }

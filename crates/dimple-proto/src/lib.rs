@@ -2,7 +2,8 @@
 //! `proto/` at build time (`v1`: the public `dimple.v1.Dimple` service; `worker`: the
 //! internal `dimple.worker.v1.Worker` service), the conversions between those messages and
 //! the core types (`convert`), the record a worker registers in etcd (`discovery`), the cause a
-//! failed worker call carries (`failure`), the sockets of a server (`listeners`), and what every server exposes besides gRPC
+//! failed worker call carries (`failure`), the sockets of a server (`listeners`), TLS inside the
+//! cluster (`tls`), and what every server exposes besides gRPC
 //! (`telemetry`: metric names and the `/metrics` HTTP endpoint).
 //!
 //! Proto types stop at the service edge: a request is converted once, by the `TryFrom`
@@ -14,6 +15,7 @@ pub mod discovery;
 pub mod failure;
 pub mod listeners;
 pub mod telemetry;
+pub mod tls;
 
 /// Generated code, in modules that mirror the proto packages.
 pub mod pb {

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::RouterError;
+use dimple_proto::tls::InternalTls;
 use crate::retry::{RetryBudget, RetryBudgetConfig};
 
 /// One worker as this router sees it.
@@ -46,8 +47,15 @@ pub struct WorkerEntry {
 
 impl WorkerEntry {
     fn new(addr: &str, opts: &ChannelOptions) -> Result<Self, RouterError> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| RouterError::Setup(format!("worker address {addr:?}: {e}")))?
+        let scheme = if opts.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| RouterError::Setup(format!("worker address {addr:?}: {e}")))?;
+        if let Some(tls) = &opts.tls {
+            endpoint = endpoint
+                .tls_config(tls.client())
+                .map_err(|e| RouterError::Setup(format!("TLS to worker {addr}: {e}")))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(opts.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -192,8 +200,10 @@ impl Drop for InflightGuard {
 const POLL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How the router dials workers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ChannelOptions {
+    /// Mutual TLS with workers: their certificates must chain to `ca_pem`.
+    pub tls: Option<InternalTls>,
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
     /// How often workers' load is polled (also how often a departed worker is checked).
@@ -208,6 +218,7 @@ impl Default for ChannelOptions {
             max_message_bytes: 64 << 20,
             poll_interval: Duration::from_secs(1),
             retry_budget: RetryBudgetConfig::default(),
+            tls: None,
         }
     }
 }
@@ -228,9 +239,9 @@ impl WorkerPool {
         let (tx, _) = watch::channel(Arc::new(Vec::new()));
         Self {
             tx: Arc::new(tx),
+            retry_budget: Arc::new(RetryBudget::new(opts.retry_budget)),
             opts,
             next: Arc::new(AtomicUsize::new(0)),
-            retry_budget: Arc::new(RetryBudget::new(opts.retry_budget)),
         }
     }
 

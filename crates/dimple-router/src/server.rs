@@ -10,6 +10,7 @@ use std::time::Duration;
 use dimple_proto::v1::dimple_server::DimpleServer;
 use prometheus::Registry;
 use dimple_proto::listeners::Listeners;
+use dimple_proto::tls::InternalTls;
 use tokio::sync::{Notify, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
@@ -55,6 +56,8 @@ pub struct RouterConfig {
     /// Generation requests served at once at most; beyond, RESOURCE_EXHAUSTED at once
     /// (0: no limit).
     pub max_pending: usize,
+    /// Mutual TLS with workers.
+    pub internal_tls: Option<InternalTls>,
 }
 
 impl Default for RouterConfig {
@@ -71,6 +74,7 @@ impl Default for RouterConfig {
             connect_timeout: Duration::from_secs(2),
             retry_budget: RetryBudgetConfig::default(),
             max_pending: 0,
+            internal_tls: None,
         }
     }
 }
@@ -98,6 +102,7 @@ impl Router {
             max_message_bytes: cfg.max_message_bytes,
             poll_interval: cfg.poll_interval,
             retry_budget: cfg.retry_budget,
+            tls: cfg.internal_tls.clone(),
         });
         let validator = Validator::new(Arc::new(prompt), cfg.images);
         let limits = ServiceLimits {

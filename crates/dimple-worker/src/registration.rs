@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use dimple_proto::discovery::WorkerRecord;
+use dimple_proto::tls::EtcdSecurity;
 use etcd_client::{Client, ConnectOptions, PutOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,6 +21,8 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// Lease TTL: how long a dead worker stays registered at most.
     pub lease_ttl: Duration,
+    /// TLS and credentials for etcd.
+    pub security: EtcdSecurity,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,9 +110,15 @@ async fn session(
     stop: &mut watch::Receiver<bool>,
     registered: &watch::Sender<bool>,
 ) -> Result<(), SessionError> {
-    let opts = ConnectOptions::new()
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(ttl);
+    if let Some(tls) = cfg.security.tls() {
+        opts = opts.with_tls(tls);
+    }
+    if let Some((user, password)) = &cfg.security.user {
+        opts = opts.with_user(user, password);
+    }
     let mut client = Client::connect(&cfg.endpoints, Some(opts)).await?;
     let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
     let lease = client.lease_grant(ttl_secs, None).await?.id();

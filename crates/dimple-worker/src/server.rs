@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use dimple_proto::worker::worker_server::WorkerServer;
 use dimple_proto::listeners::Listeners;
+use dimple_proto::tls::InternalTls;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -39,6 +40,8 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Largest request message accepted.
     pub max_message_bytes: usize,
+    /// Mutual TLS with routers: they must present a certificate from `ca_pem`.
+    pub tls: Option<InternalTls>,
     /// A step running longer than this (with sequences waiting on it) marks the worker
     /// NOT_SERVING until steps finish again; `None` turns the watchdog off.
     pub step_watchdog: Option<Duration>,
@@ -56,6 +59,7 @@ impl Default for ServeOptions {
             max_message_bytes: 64 << 20,
             failure_grace: Duration::from_secs(2),
             step_watchdog: Some(Duration::from_secs(60)),
+            tls: None,
         }
     }
 }
@@ -118,7 +122,7 @@ pub async fn serve(
         health.clone(),
         registration.as_ref().map(Registration::registered),
     ));
-    tracing::info!(%local, %advertise, "worker serving");
+    tracing::info!(%local, %advertise, tls = opts.tls.is_some(), "worker serving");
 
     let drain_started = Arc::new(Notify::new());
     let engine_failure = Arc::new(OnceLock::new());
@@ -167,7 +171,11 @@ pub async fn serve(
     let service = WorkerServer::new(WorkerService::new(worker.clone()))
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &opts.tls {
+        builder = builder.tls_config(tls.server())?;
+    }
+    let server = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))

@@ -67,7 +67,13 @@ impl WorkerProc {
             DimpleModel::load(&golden(""), DType::F32, &Device::Cpu).expect("golden model loads");
         let registry = Registry::new();
         let worker = Worker::start(model, cfg, worker_config(), &registry).expect("worker starts");
-        Self::serve(worker, registry, etcd, ServeOptions::default().step_watchdog)
+        Self::serve(
+            worker,
+            registry,
+            etcd,
+            ServeOptions::default().step_watchdog,
+            None,
+        )
     }
 
     /// A worker whose engine fails as `fault` says (a one-rank group over the golden model).
@@ -99,7 +105,22 @@ impl WorkerProc {
             &registry,
         )
         .expect("worker starts");
-        Self::serve(worker, registry, etcd, step_watchdog)
+        Self::serve(worker, registry, etcd, step_watchdog, None)
+    }
+
+    /// A worker that speaks only mutual TLS.
+    pub fn start_tls(cfg: EngineConfig, tls: dimple_proto::tls::InternalTls) -> Self {
+        let model =
+            DimpleModel::load(&golden(""), DType::F32, &Device::Cpu).expect("golden model loads");
+        let registry = Registry::new();
+        let worker = Worker::start(model, cfg, worker_config(), &registry).expect("worker starts");
+        Self::serve(
+            worker,
+            registry,
+            None,
+            ServeOptions::default().step_watchdog,
+            Some(tls),
+        )
     }
 
     fn serve(
@@ -107,6 +128,7 @@ impl WorkerProc {
         registry: Registry,
         etcd: Option<EtcdConfig>,
         step_watchdog: Option<Duration>,
+        tls: Option<dimple_proto::tls::InternalTls>,
     ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -145,6 +167,7 @@ impl WorkerProc {
             advertise_addr: addr.to_string(),
             drain_timeout: Duration::from_secs(10),
             step_watchdog,
+            tls,
             ..ServeOptions::default()
         };
         let served = runtime.spawn(dimple_worker::serve(
