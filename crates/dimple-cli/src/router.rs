@@ -45,6 +45,7 @@ pub struct RouterArgs {
     #[arg(long, env = "DIMPLE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// One API key per line; when set, every public call needs `authorization: Bearer <key>`.
+    /// Re-read when it changes (checked every 2 s) and on SIGHUP.
     #[arg(long, env = "DIMPLE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     /// Upper bound of every request's deadline.
@@ -100,6 +101,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         }
         None => ApiKeys::default(),
     };
+    let api_keys_reload = api_keys.clone();
     let cfg = RouterConfig {
         discovery,
         request_timeout: Duration::from_secs(args.request_timeout_secs),
@@ -116,6 +118,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
     let router = Router::new(prompt, cfg, &registry)?;
     serving::block_on(async move {
         let shutdown = Shutdown::on_signals();
+        serving::reload_on_sighup(api_keys_reload);
         let metrics = serving::spawn_metrics(
             args.metrics_listen,
             serving::renderer(registry, router.metrics_refresher()),

@@ -150,6 +150,24 @@ impl Shutdown {
     }
 }
 
+/// Re-reads the API key file on every SIGHUP (must run inside the runtime).
+pub fn reload_on_sighup(keys: dimple_router::ApiKeys) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; API keys reload only when the file changes");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: re-reading the API keys");
+            keys.reload();
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = keys;
+}
+
 async fn wait_for_signal() {
     #[cfg(unix)]
     {

@@ -551,3 +551,50 @@ async fn router_and_workers_authenticate_each_other_with_mutual_tls() {
     assert_eq!(s.code(), Code::Unavailable, "{s:?}");
     assert_eq!(rogue.worker.load().outstanding, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_rotate_without_a_restart_and_refusals_are_counted() {
+    let w = WorkerProc::start(engine_config(), None);
+    let path = std::env::temp_dir().join(format!("dimple-api-keys-{}", std::process::id()));
+    std::fs::write(&path, "old-key\n").unwrap();
+    let mut cfg = router_config(Discovery::Static(vec![w.addr.to_string()]));
+    cfg.api_keys = dimple_router::ApiKeys::from_file(&path).unwrap();
+    cfg.api_keys_poll = Duration::from_millis(50);
+    let router = RouterProc::start(cfg).await;
+    let mut client = router.client().await;
+    let mut call = async |key: &str| {
+        let mut req = tonic::Request::new(small_request(4));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        client.generate(req).await.map(|_| ())
+    };
+    let mut refused = 0.0;
+    call("old-key").await.expect("the configured key works");
+    assert_eq!(call("new-key").await.unwrap_err().code(), Code::Unauthenticated);
+    refused += 1.0;
+
+    std::fs::write(&path, "new-key\n").unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        match call("old-key").await {
+            Ok(()) => assert!(t.elapsed() < Duration::from_secs(3), "the old key still works"),
+            Err(s) => {
+                assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+                refused += 1.0;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    call("new-key").await.expect("the rotated key works without a restart");
+    let m = router.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            names::ROUTER_REQUESTS,
+            "outcome=\"unauthenticated\",rpc=\"generate\""
+        ),
+        refused
+    );
+    let _ = std::fs::remove_file(&path);
+}

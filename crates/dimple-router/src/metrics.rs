@@ -112,6 +112,11 @@ impl RouterMetrics {
         self.duration.with_label_values(&[rpc]).observe(seconds);
     }
 
+    /// Counts a call answered before it reached the service (no latency to record).
+    pub fn count_request(&self, rpc: &str, outcome: &str) {
+        self.requests.with_label_values(&[rpc, outcome]).inc();
+    }
+
     /// Worker-side timings of a finished request.
     pub fn observe_finished(&self, queue_ms: f64, first_commit_ms: Option<f64>, steps: u32) {
         self.queue.observe(queue_ms / 1e3);

@@ -58,6 +58,8 @@ pub struct RouterConfig {
     pub max_pending: usize,
     /// Mutual TLS with workers.
     pub internal_tls: Option<InternalTls>,
+    /// How often the API key file is checked for changes.
+    pub api_keys_poll: Duration,
 }
 
 impl Default for RouterConfig {
@@ -75,6 +77,7 @@ impl Default for RouterConfig {
             retry_budget: RetryBudgetConfig::default(),
             max_pending: 0,
             internal_tls: None,
+            api_keys_poll: Duration::from_secs(2),
         }
     }
 }
@@ -146,6 +149,7 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| RouterError::Setup(format!("listener address: {e}")))?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_keys = stop_rx.clone();
     tokio::spawn(discovery::run(
         cfg.discovery.clone(),
         state.pool.clone(),
@@ -189,10 +193,19 @@ pub async fn serve(
         .map_err(|e| RouterError::Setup(format!("reflection: {e}")))?;
 
     let keys = cfg.api_keys.clone();
+    tokio::spawn(keys.clone().watch_file(cfg.api_keys_poll, stop_rx_keys));
     let public = DimpleServer::new(RouterService::new(state.clone()))
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes);
-    let public = InterceptedService::new(public, move |req| keys.check(req));
+    let counted = state.clone();
+    let public = NameRpc(InterceptedService::new(public, move |req: tonic::Request<()>| {
+        let rpc = req.extensions().get::<Rpc>().copied();
+        keys.check(req).inspect_err(|_| {
+            if let Some(Rpc(rpc)) = rpc {
+                counted.metrics.count_request(rpc, "unauthenticated");
+            }
+        })
+    }));
 
     let mut builder = Server::builder()
         .tcp_nodelay(true)
@@ -274,5 +287,49 @@ async fn publish_readiness(
             r = workers.changed() => if r.is_err() { return },
             _ = draining.changed() => {}
         }
+    }
+}
+
+/// Which RPC a request calls, put in its extensions by [`NameRpc`].
+#[derive(Debug, Clone, Copy)]
+struct Rpc(&'static str);
+
+/// The public service with the RPC named in each request's extensions: the API-key
+/// interceptor does not see the request path, and counts its refusals by RPC.
+#[derive(Clone)]
+struct NameRpc<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for NameRpc<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for NameRpc<S>
+where
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let method = req.uri().path().rsplit('/').next().unwrap_or_default();
+        let rpc = match method {
+            "Generate" => Some("generate"),
+            "GenerateStream" => Some("generate_stream"),
+            "Tokenize" => Some("tokenize"),
+            "GetModelInfo" => Some("get_model_info"),
+            _ => None,
+        };
+        if let Some(rpc) = rpc {
+            req.extensions_mut().insert(Rpc(rpc));
+        }
+        self.0.call(req)
     }
 }
