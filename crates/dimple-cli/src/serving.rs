@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Args;
 use dimple_core::image_size::ImageSizeParams;
 use dimple_core::params::DecodeLimits;
@@ -16,6 +16,7 @@ use dimple_model::Checkpoint;
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::telemetry::{Render, serve_metrics};
 use dimple_proto::tls::{EtcdSecurity, InternalTls};
+use dimple_router::prompt::PromptBuilder;
 use dimple_router::validate::ImageLimits;
 use dimple_worker::{Worker, WorkerConfig};
 use prometheus::Registry;
@@ -94,6 +95,7 @@ pub fn start_worker(
         Some(dir) => Checkpoint::Dir(dir.clone()),
         None => Checkpoint::Builtin,
     };
+    check_vocab(source, &checkpoint)?;
     let cfg = WorkerConfig {
         model_name: source.name(),
         default_max_new_tokens: crate::generate::default_response_len(source),
@@ -109,6 +111,34 @@ pub fn start_worker(
             )
         },
     )
+}
+
+/// Refuses a tokenizer whose ids reach beyond the model's vocabulary (they would index past
+/// the embedding table). A vocabulary padded beyond the tokenizer is normal. Checked before
+/// the weights load; a model directory without `tokenizer.json` has nothing to check.
+fn check_vocab(source: &ModelSource, checkpoint: &Checkpoint) -> anyhow::Result<()> {
+    let tokenizer = match &source.0 {
+        None => PromptBuilder::builtin()?,
+        Some(dir) if dir.join("tokenizer.json").exists() => {
+            PromptBuilder::from_file(&dir.join("tokenizer.json"), None).with_context(|| {
+                format!("loading the tokenizer from {}", dir.display())
+            })?
+        }
+        Some(_) => return Ok(()),
+    };
+    let model = checkpoint
+        .config()
+        .with_context(|| format!("reading the model config of {}", source.name()))?
+        .vocab_size;
+    let ids = tokenizer.vocab_size();
+    if ids > model {
+        bail!(
+            "the tokenizer of {} has {ids} ids but the model's vocabulary has only {model}: \
+             ids {model} and above cannot be embedded",
+            source.name()
+        );
+    }
+    Ok(())
 }
 
 /// The router's image limits from a preprocessor config (the same rule the worker applies).

@@ -237,3 +237,71 @@ async fn serve_drains_with_probes_and_metrics_up() {
     };
     assert!(status.success(), "exit {status}");
 }
+
+#[test]
+fn a_tokenizer_beyond_the_models_vocabulary_is_refused_at_start_up() {
+    // The golden model (vocabulary of 384) with the full Qwen tokenizer (151,667 ids).
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let dir = std::env::temp_dir().join(format!("dimple-vocab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(repo.join("golden").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::copy(
+        repo.join("tokenizer/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let model_vocab = serde_json::from_slice::<serde_json::Value>(
+        &std::fs::read(dir.join("config.json")).unwrap(),
+    )
+    .unwrap()["vocab_size"]
+        .as_u64()
+        .unwrap();
+    for cmd in ["worker", "serve"] {
+        let out = dimple()
+            .args([cmd, "--listen", &free_addr().to_string()])
+            .args(["--metrics-listen", "127.0.0.1:0", "--model"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd} started: {err}");
+        assert!(
+            err.contains("151667 ids") && err.contains(&format!("only {model_vocab}")),
+            "{cmd}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gzip_compressed_requests_are_accepted() {
+    use dimple_proto::v1;
+    let listen = free_addr();
+    let mut server = dimple()
+        .args(["serve", "--listen", &listen.to_string()])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let mut client = loop {
+        if let Ok(c) = v1::dimple_client::DimpleClient::connect(format!("http://{listen}")).await {
+            break c;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "`dimple serve` did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let answer = client
+        .generate(v1::GenerateRequest {
+            input: Some(v1::generate_request::Input::Text("a b c ".repeat(50))),
+            ..Default::default()
+        })
+        .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(!answer.expect("a gzip request is served").into_inner().token_ids.is_empty());
+}

@@ -13,6 +13,7 @@ use dimple_proto::listeners::Listeners;
 use dimple_proto::tls::InternalTls;
 use tokio::sync::{Notify, watch};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -194,7 +195,9 @@ pub async fn serve(
 
     let keys = cfg.api_keys.clone();
     tokio::spawn(keys.clone().watch_file(cfg.api_keys_poll, stop_rx_keys));
+    // Clients may gzip their requests (images compress little, prompts and ids well).
     let public = DimpleServer::new(RouterService::new(state.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes);
     let counted = state.clone();

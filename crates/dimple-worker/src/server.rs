@@ -22,6 +22,7 @@ use dimple_proto::listeners::Listeners;
 use dimple_proto::tls::InternalTls;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -169,6 +170,7 @@ pub async fn serve(
         }
     };
     let service = WorkerServer::new(WorkerService::new(worker.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
     let mut builder = Server::builder();
