@@ -305,3 +305,50 @@ async fn gzip_compressed_requests_are_accepted() {
     let _ = server.wait();
     assert!(!answer.expect("a gzip request is served").into_inner().token_ids.is_empty());
 }
+
+/// The first `n` lines `dimple serve` writes to stderr at info level with `extra` flags.
+fn serve_log_lines(extra: &[&str], n: usize) -> Vec<String> {
+    use std::io::BufRead;
+    let mut server = dimple()
+        .env("DIMPLE_LOG", "info")
+        .args(extra)
+        .args(["serve", "--listen", &free_addr().to_string()])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(server.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        lines.push(line);
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(lines.len(), n, "{lines:?}");
+    lines
+}
+
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal_and_can_be_json() {
+    let text = serve_log_lines(&[], 3);
+    assert!(
+        text.iter().all(|l| !l.contains('\u{1b}')),
+        "colour codes in piped logs: {text:?}"
+    );
+    let json = serve_log_lines(&["--log-format", "json"], 3);
+    let logs: Vec<serde_json::Value> = json
+        .iter()
+        .filter(|l| !l.starts_with("dimple serve:"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(!logs.is_empty());
+    for l in &logs {
+        assert!(l["level"].is_string() && l["target"].is_string(), "{l}");
+        assert!(l["fields"]["message"].is_string(), "{l}");
+    }
+}
