@@ -3,7 +3,9 @@
 //!
 //! `DIMPLE_TEST_ETCD` must name a running etcd (`.ci/run` starts one on 127.0.0.1:2379);
 //! these tests fail, never skip, without it. The etcd-going-away test starts its own etcd
-//! (binary from `DIMPLE_TEST_ETCD_BIN`, default `etcd` in PATH) so that it can kill it.
+//! (binary from `DIMPLE_TEST_ETCD_BIN`, default `etcd` in PATH) so that it can kill it; so does
+//! the TLS test, whose etcd serves certificates made in the test (needs `openssl`) and has
+//! authentication on.
 
 mod cluster_support;
 
@@ -157,6 +159,28 @@ struct OwnEtcd {
 
 impl OwnEtcd {
     fn start() -> Self {
+        Self::start_with("http", &[])
+    }
+
+    /// An etcd serving TLS with the certificate `etcd` of `pki` and requiring client
+    /// certificates from `etcd-ca`.
+    fn start_tls(pki: &TestPki) -> Self {
+        let file = |f: &str| pki.dir.join(f).to_string_lossy().into_owned();
+        Self::start_with(
+            "https",
+            &[
+                "--cert-file".into(),
+                file("etcd.crt"),
+                "--key-file".into(),
+                file("etcd.key"),
+                "--trusted-ca-file".into(),
+                file("etcd-ca.crt"),
+                "--client-cert-auth".into(),
+            ],
+        )
+    }
+
+    fn start_with(scheme: &str, extra: &[String]) -> Self {
         let bin = std::env::var("DIMPLE_TEST_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let port = || {
             std::net::TcpListener::bind("127.0.0.1:0")
@@ -166,7 +190,7 @@ impl OwnEtcd {
                 .port()
         };
         let (client, peer) = (port(), port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let dir = std::env::temp_dir().join(unique_prefix("etcd").replace('/', "_"));
         let child = Command::new(&bin)
             .args(["--data-dir", &dir.to_string_lossy()])
@@ -185,6 +209,7 @@ impl OwnEtcd {
                 "--initial-cluster",
                 &format!("default=http://127.0.0.1:{peer}"),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -362,4 +387,74 @@ async fn a_failed_engine_takes_its_worker_out_of_the_cluster() {
         other => panic!("expected the engine failure, got {other:?}"),
     }
     assert!(failed_at.elapsed() >= Duration::from_secs(1), "a grace period first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_and_discovery_through_etcd_with_tls_and_a_password() {
+    use dimple_proto::tls::EtcdSecurity;
+    let pki = TestPki::new();
+    pki.ca("etcd-ca");
+    pki.leaf("etcd", "etcd-ca", "etcd-ca");
+    let client = pki.leaf("etcd-client", "etcd-ca", "etcd-ca");
+    let etcd = OwnEtcd::start_tls(&pki);
+    let tls_only = EtcdSecurity {
+        ca_pem: Some(client.ca_pem.clone()),
+        client_pem: Some((client.cert_pem.clone(), client.key_pem.clone())),
+        user: None,
+    };
+    let connect = |sec: &EtcdSecurity| {
+        let mut opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_millis(500))
+            .with_timeout(Duration::from_secs(2));
+        if let Some(tls) = sec.tls() {
+            opts = opts.with_tls(tls);
+        }
+        if let Some((u, p)) = &sec.user {
+            opts = opts.with_user(u, p);
+        }
+        etcd_client::Client::connect([etcd.endpoint.clone()], Some(opts))
+    };
+    // Turn authentication on (the first admin has the root role).
+    let t = Instant::now();
+    let mut admin = loop {
+        if let Ok(mut c) = connect(&tls_only).await {
+            if c.get("/ping", None).await.is_ok() {
+                break c;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "the TLS etcd answers");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    admin.user_add("root", "s3cret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    let security = EtcdSecurity {
+        user: Some(("root".into(), "s3cret".into())),
+        ..tls_only.clone()
+    };
+    let wrong = EtcdSecurity {
+        user: Some(("root".into(), "wrong".into())),
+        ..tls_only.clone()
+    };
+    assert!(connect(&wrong).await.is_err(), "a wrong password is refused");
+
+    let prefix = unique_prefix("etcd-tls");
+    let router = RouterProc::start(router_config(Discovery::Etcd {
+        endpoints: vec![etcd.endpoint.clone()],
+        prefix: prefix.clone(),
+        security: security.clone(),
+    }))
+    .await;
+    let mut cfg = etcd_cfg(&etcd.endpoint, &prefix);
+    cfg.security = security;
+    let w = WorkerProc::start(engine_config(), Some(cfg));
+    router
+        .wait_for_workers(&[w.addr], Duration::from_secs(10))
+        .await;
+    router
+        .client()
+        .await
+        .generate(small_request(4))
+        .await
+        .expect("a worker found through the secured etcd serves");
 }

@@ -586,3 +586,81 @@ pub fn small_request(max_new_tokens: u32) -> v1::GenerateRequest {
     p.steps = Some(max_new_tokens);
     r
 }
+
+/// Certificates made for one test with the `openssl` command line: two CAs, and leaf
+/// certificates (for 127.0.0.1 and localhost, server and client use) signed by either.
+pub struct TestPki {
+    pub dir: std::path::PathBuf,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "dimple-pki-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("leaf.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .unwrap_or_else(|e| panic!("these tests need the `openssl` command: {e}"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn ca(&self, name: &str) {
+        self.openssl(&[
+            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+            "-nodes", "-days", "2", "-subj", &format!("/CN={name}"),
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign",
+            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"),
+        ]);
+    }
+
+    /// A leaf certificate `name` signed by `ca`, as this component's TLS settings (trusting
+    /// `trust`).
+    pub fn leaf(&self, name: &str, ca: &str, trust: &str) -> dimple_proto::tls::InternalTls {
+        self.openssl(&[
+            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-subj", &format!("/CN={name}"),
+            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"),
+        ]);
+        self.openssl(&[
+            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.crt"),
+            "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", "leaf.ext", "-out", &format!("{name}.crt"),
+        ]);
+        let read = |f: String| std::fs::read(self.dir.join(f)).unwrap();
+        dimple_proto::tls::InternalTls {
+            cert_pem: read(format!("{name}.crt")),
+            key_pem: read(format!("{name}.key")),
+            ca_pem: read(format!("{trust}.crt")),
+        }
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
