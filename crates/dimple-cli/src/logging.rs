@@ -19,15 +19,13 @@ pub enum LogFormat {
 
 /// Installs the global subscriber: level filter from `DIMPLE_LOG` (default `warn`), on stderr.
 pub fn init(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DIMPLE_LOG")
-        .unwrap_or_else(|_| "warn".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("DIMPLE_LOG").unwrap_or_else(|_| "warn".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.with_ansi(false).event_format(Json).init(),
     }
 }

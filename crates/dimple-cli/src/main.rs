@@ -22,7 +22,13 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Log lines as text or as one JSON object each (level from `DIMPLE_LOG`, default warn).
-    #[arg(long, global = true, value_enum, default_value = "text", env = "DIMPLE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "DIMPLE_LOG_FORMAT"
+    )]
     log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,

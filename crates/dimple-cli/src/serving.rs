@@ -120,9 +120,8 @@ fn check_vocab(source: &ModelSource, checkpoint: &Checkpoint) -> anyhow::Result<
     let tokenizer = match &source.0 {
         None => PromptBuilder::builtin()?,
         Some(dir) if dir.join("tokenizer.json").exists() => {
-            PromptBuilder::from_file(&dir.join("tokenizer.json"), None).with_context(|| {
-                format!("loading the tokenizer from {}", dir.display())
-            })?
+            PromptBuilder::from_file(&dir.join("tokenizer.json"), None)
+                .with_context(|| format!("loading the tokenizer from {}", dir.display()))?
         }
         Some(_) => return Ok(()),
     };
@@ -329,7 +328,10 @@ impl EtcdSecurityArgs {
             (Some(u), Some(p)) => {
                 let password = String::from_utf8(read(p, "--etcd-password-file")?)
                     .context("`--etcd-password-file` is not UTF-8")?;
-                Some((u.clone(), password.trim_end_matches(['\r', '\n']).to_owned()))
+                Some((
+                    u.clone(),
+                    password.trim_end_matches(['\r', '\n']).to_owned(),
+                ))
             }
             _ => None,
         };

@@ -617,7 +617,10 @@ async fn bounded_load_every_good_request_answered_every_bad_one_rejected() {
     while health_status(router.addr, "dimple.v1.Dimple").await != 1
         || health_status(workers[0].addr, "dimple.worker.v1.Worker").await != 1
     {
-        assert!(t.elapsed() < Duration::from_secs(5), "the cluster turns ready");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the cluster turns ready"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // While the load runs: health checks (router readiness, a worker's readiness) and a small

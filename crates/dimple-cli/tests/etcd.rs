@@ -313,7 +313,10 @@ async fn a_failed_engine_takes_its_worker_out_of_the_cluster() {
     }
     let serving = ServingStatus::Serving as i32;
     while health(w.addr, dimple_worker::server::SERVICE_NAME).await != serving {
-        assert!(t.elapsed() < Duration::from_secs(5), "the worker turns ready");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the worker turns ready"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -386,7 +389,10 @@ async fn a_failed_engine_takes_its_worker_out_of_the_cluster() {
         Err(dimple_worker::WorkerError::EngineFailed(why)) => assert!(why.contains("injected")),
         other => panic!("expected the engine failure, got {other:?}"),
     }
-    assert!(failed_at.elapsed() >= Duration::from_secs(1), "a grace period first");
+    assert!(
+        failed_at.elapsed() >= Duration::from_secs(1),
+        "a grace period first"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,7 +428,10 @@ async fn registration_and_discovery_through_etcd_with_tls_and_a_password() {
                 break c;
             }
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "the TLS etcd answers");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the TLS etcd answers"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     admin.user_add("root", "s3cret", None).await.unwrap();
@@ -436,7 +445,10 @@ async fn registration_and_discovery_through_etcd_with_tls_and_a_password() {
         user: Some(("root".into(), "wrong".into())),
         ..tls_only.clone()
     };
-    assert!(connect(&wrong).await.is_err(), "a wrong password is refused");
+    assert!(
+        connect(&wrong).await.is_err(),
+        "a wrong password is refused"
+    );
 
     let prefix = unique_prefix("etcd-tls");
     let router = RouterProc::start(router_config(Discovery::Etcd {

@@ -32,7 +32,11 @@ async fn a_query_of_death_is_retried_once_not_on_every_worker() {
     let mut client = router.client().await;
     let s = client.generate(small_request(8)).await.unwrap_err();
     assert_eq!(s.code(), Code::Unavailable, "{s:?}");
-    assert!(s.message().contains("not retried further"), "{}", s.message());
+    assert!(
+        s.message().contains("not retried further"),
+        "{}",
+        s.message()
+    );
     let dead = workers
         .iter()
         .filter(|w| w.worker.engine_failure().is_some())
@@ -156,7 +160,9 @@ impl WorkerChild {
     async fn load(&self) -> Option<dimple_proto::worker::LoadReport> {
         use dimple_proto::worker::{LoadRequest, worker_client::WorkerClient};
         let ask = async {
-            let mut c = WorkerClient::connect(format!("http://{}", self.addr)).await.ok()?;
+            let mut c = WorkerClient::connect(format!("http://{}", self.addr))
+                .await
+                .ok()?;
             c.load(LoadRequest {}).await.ok().map(|r| r.into_inner())
         };
         tokio::time::timeout(Duration::from_millis(200), ask)
@@ -191,7 +197,11 @@ async fn a_frozen_worker_process_has_its_requests_rerouted_within_seconds() {
     let addrs = workers.iter().map(|w| w.addr.to_string()).collect();
     let router = RouterProc::start(router_config(Discovery::Static(addrs))).await;
     let mut client = router.client().await;
-    let reference = client.generate(small_request(300)).await.unwrap().into_inner();
+    let reference = client
+        .generate(small_request(300))
+        .await
+        .unwrap()
+        .into_inner();
 
     let call = tokio::spawn(async move { client.generate(small_request(300)).await });
     let t = std::time::Instant::now();
@@ -205,7 +215,10 @@ async fn a_frozen_worker_process_has_its_requests_rerouted_within_seconds() {
         if let Some(i) = busy {
             break i;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "no worker took the request");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no worker took the request"
+        );
     };
     workers[victim].signal("-STOP");
     let frozen = std::time::Instant::now();
@@ -233,7 +246,10 @@ async fn a_frozen_worker_process_has_its_requests_rerouted_within_seconds() {
     );
     assert_eq!(answer.token_ids, reference.token_ids);
     assert!(rerouted < Duration::from_secs(3), "{rerouted:?}");
-    assert_eq!(metric(&router.metrics().await, names::ROUTER_RETRIES, ""), 1.0);
+    assert_eq!(
+        metric(&router.metrics().await, names::ROUTER_RETRIES, ""),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,7 +275,10 @@ async fn a_stuck_step_turns_the_worker_not_serving_until_steps_finish_again() {
     );
     let t = std::time::Instant::now();
     while health(w.addr, SERVICE_NAME).await != serving {
-        assert!(t.elapsed() < Duration::from_secs(5), "the worker turns ready");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the worker turns ready"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut client = worker::worker_client::WorkerClient::connect(format!("http://{}", w.addr))
@@ -293,8 +312,14 @@ async fn a_stuck_step_turns_the_worker_not_serving_until_steps_finish_again() {
     }
     let noticed = started.elapsed();
     assert!(!w.worker.load().accepting);
-    assert_eq!(health(w.addr, "").await, serving, "the process itself is alive");
-    call.await.unwrap().expect("the request ends normally once the step does");
+    assert_eq!(
+        health(w.addr, "").await,
+        serving,
+        "the process itself is alive"
+    );
+    call.await
+        .unwrap()
+        .expect("the request ends normally once the step does");
     let t = std::time::Instant::now();
     while health(w.addr, SERVICE_NAME).await != serving {
         assert!(t.elapsed() < Duration::from_secs(1), "the worker recovers");
@@ -394,11 +419,21 @@ async fn the_router_refuses_beyond_max_pending_at_once() {
         let s = client.clone().generate(small_request(4)).await.unwrap_err();
         assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
         assert!(s.message().contains("max_pending"), "{}", s.message());
-        assert!(t.elapsed() < Duration::from_millis(200), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
     }
-    assert_eq!(w.worker.load().outstanding, 2, "nothing more reached the worker");
+    assert_eq!(
+        w.worker.load().outstanding,
+        2,
+        "nothing more reached the worker"
+    );
     for h in long {
-        h.await.unwrap().expect("the admitted requests are answered");
+        h.await
+            .unwrap()
+            .expect("the admitted requests are answered");
     }
     client
         .clone()
@@ -450,7 +485,10 @@ async fn router_and_workers_authenticate_each_other_with_mutual_tls() {
             .map_err(|s| Box::new(s) as Box<dyn std::error::Error>)?;
         Ok::<_, Box<dyn std::error::Error>>(())
     };
-    assert!(anonymous.await.is_err(), "a client without a certificate got in");
+    assert!(
+        anonymous.await.is_err(),
+        "a client without a certificate got in"
+    );
     let plain = async {
         let mut c = WorkerClient::connect(format!("http://{}", worker.addr)).await?;
         c.load(LoadRequest {})
@@ -493,14 +531,20 @@ async fn api_keys_rotate_without_a_restart_and_refusals_are_counted() {
     };
     let mut refused = 0.0;
     call("old-key").await.expect("the configured key works");
-    assert_eq!(call("new-key").await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        call("new-key").await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
     refused += 1.0;
 
     std::fs::write(&path, "new-key\n").unwrap();
     let t = std::time::Instant::now();
     loop {
         match call("old-key").await {
-            Ok(()) => assert!(t.elapsed() < Duration::from_secs(3), "the old key still works"),
+            Ok(()) => assert!(
+                t.elapsed() < Duration::from_secs(3),
+                "the old key still works"
+            ),
             Err(s) => {
                 assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
                 refused += 1.0;
@@ -509,7 +553,9 @@ async fn api_keys_rotate_without_a_restart_and_refusals_are_counted() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    call("new-key").await.expect("the rotated key works without a restart");
+    call("new-key")
+        .await
+        .expect("the rotated key works without a restart");
     let m = router.metrics().await;
     assert_eq!(
         metric(

@@ -211,7 +211,10 @@ async fn serve_drains_with_probes_and_metrics_up() {
     let not_serving = ServingStatus::NotServing as i32;
     let t = Instant::now();
     while health(probes, "dimple.v1.Dimple").await != not_serving {
-        assert!(t.elapsed() < Duration::from_secs(2), "still ready while draining");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "still ready while draining"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(health(probes, "").await, serving, "alive while draining");
@@ -232,7 +235,10 @@ async fn serve_drains_with_probes_and_metrics_up() {
         if let Some(s) = server.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "no exit after the drain");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no exit after the drain"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "exit {status}");
@@ -291,7 +297,10 @@ async fn gzip_compressed_requests_are_accepted() {
         if let Ok(c) = v1::dimple_client::DimpleClient::connect(format!("http://{listen}")).await {
             break c;
         }
-        assert!(t.elapsed() < Duration::from_secs(30), "`dimple serve` did not start");
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "`dimple serve` did not start"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     .send_compressed(tonic::codec::CompressionEncoding::Gzip);
@@ -303,7 +312,13 @@ async fn gzip_compressed_requests_are_accepted() {
         .await;
     let _ = server.kill();
     let _ = server.wait();
-    assert!(!answer.expect("a gzip request is served").into_inner().token_ids.is_empty());
+    assert!(
+        !answer
+            .expect("a gzip request is served")
+            .into_inner()
+            .token_ids
+            .is_empty()
+    );
 }
 
 /// The first `n` lines `dimple serve` writes to stderr at info level with `extra` flags.

@@ -36,12 +36,17 @@ mod tests {
 
     #[test]
     fn engine_failures_are_told_apart() {
-        assert!(is_engine_failed(&engine_failed_status("the engine failed: x")));
+        assert!(is_engine_failed(&engine_failed_status(
+            "the engine failed: x"
+        )));
         assert!(!is_engine_failed(&tonic::Status::unavailable("draining")));
         let mut other = tonic::Status::internal("x");
         other
             .metadata_mut()
             .insert(FAILURE_METADATA, ENGINE_FAILED.parse().unwrap());
-        assert!(!is_engine_failed(&other), "only UNAVAILABLE carries the cause");
+        assert!(
+            !is_engine_failed(&other),
+            "only UNAVAILABLE carries the cause"
+        );
     }
 }

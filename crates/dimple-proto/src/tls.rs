@@ -80,7 +80,10 @@ mod tests {
             user: Some(("dimple".into(), "hunter2".into())),
         };
         let shown = format!("{sec:?}");
-        assert!(shown.contains("dimple") && !shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("dimple") && !shown.contains("hunter2"),
+            "{shown}"
+        );
         assert!(sec.tls().is_some());
         assert!(EtcdSecurity::default().tls().is_none());
         let internal = InternalTls {

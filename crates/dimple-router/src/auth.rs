@@ -81,7 +81,11 @@ impl ApiKeys {
 
     /// Re-reads the key file whenever its modification time changes, checking every
     /// `interval`, until `stop` turns true. Returns at once without a file.
-    pub async fn watch_file(self, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn watch_file(
+        self,
+        interval: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         let Some(source) = self.source.clone() else {
             return;
         };
@@ -176,11 +180,17 @@ mod tests {
         let shared = keys.clone();
         std::fs::write(&path, "new\n").unwrap();
         assert!(keys.reload());
-        assert!(shared.check(with_auth("Bearer new")).is_ok(), "clones see the new keys");
+        assert!(
+            shared.check(with_auth("Bearer new")).is_ok(),
+            "clones see the new keys"
+        );
         assert!(shared.check(with_auth("Bearer old")).is_err());
         std::fs::write(&path, "# nothing\n").unwrap();
         assert!(!keys.reload());
-        assert!(keys.check(with_auth("Bearer new")).is_ok(), "an empty file changes nothing");
+        assert!(
+            keys.check(with_auth("Bearer new")).is_ok(),
+            "an empty file changes nothing"
+        );
         let _ = std::fs::remove_file(&path);
     }
 }

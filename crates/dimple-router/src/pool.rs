@@ -25,8 +25,8 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::RouterError;
-use dimple_proto::tls::InternalTls;
 use crate::retry::{RetryBudget, RetryBudgetConfig};
+use dimple_proto::tls::InternalTls;
 
 /// One worker as this router sees it.
 pub struct WorkerEntry {

@@ -7,10 +7,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dimple_proto::v1::dimple_server::DimpleServer;
-use prometheus::Registry;
 use dimple_proto::listeners::Listeners;
 use dimple_proto::tls::InternalTls;
+use dimple_proto::v1::dimple_server::DimpleServer;
+use prometheus::Registry;
 use tokio::sync::{Notify, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
@@ -201,14 +201,17 @@ pub async fn serve(
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes);
     let counted = state.clone();
-    let public = NameRpc(InterceptedService::new(public, move |req: tonic::Request<()>| {
-        let rpc = req.extensions().get::<Rpc>().copied();
-        keys.check(req).inspect_err(|_| {
-            if let Some(Rpc(rpc)) = rpc {
-                counted.metrics.count_request(rpc, "unauthenticated");
-            }
-        })
-    }));
+    let public = NameRpc(InterceptedService::new(
+        public,
+        move |req: tonic::Request<()>| {
+            let rpc = req.extensions().get::<Rpc>().copied();
+            keys.check(req).inspect_err(|_| {
+                if let Some(Rpc(rpc)) = rpc {
+                    counted.metrics.count_request(rpc, "unauthenticated");
+                }
+            })
+        },
+    ));
 
     let mut builder = Server::builder()
         .tcp_nodelay(true)

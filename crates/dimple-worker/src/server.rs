@@ -17,9 +17,9 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use dimple_proto::worker::worker_server::WorkerServer;
 use dimple_proto::listeners::Listeners;
 use dimple_proto::tls::InternalTls;
+use dimple_proto::worker::worker_server::WorkerServer;
 use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;

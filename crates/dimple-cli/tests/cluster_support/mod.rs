@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use dimple_engine::{EngineConfig, FaultInjection, GroupConfig};
-use dimple_model::{Checkpoint, DimpleModel};
 use dimple_model::preprocess::PreprocessConfig;
+use dimple_model::{Checkpoint, DimpleModel};
 use dimple_proto::v1;
 use dimple_proto::v1::dimple_client::DimpleClient;
 use dimple_router::prompt::PromptBuilder;
@@ -628,11 +628,25 @@ impl TestPki {
 
     pub fn ca(&self, name: &str) {
         self.openssl(&[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "2", "-subj", &format!("/CN={name}"),
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign",
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"),
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
         ]);
     }
 
@@ -640,14 +654,35 @@ impl TestPki {
     /// `trust`).
     pub fn leaf(&self, name: &str, ca: &str, trust: &str) -> dimple_proto::tls::InternalTls {
         self.openssl(&[
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-subj", &format!("/CN={name}"),
-            "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"),
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
         ]);
         self.openssl(&[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.crt"),
-            "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-days", "2",
-            "-extfile", "leaf.ext", "-out", &format!("{name}.crt"),
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            &format!("{name}.crt"),
         ]);
         let read = |f: String| std::fs::read(self.dir.join(f)).unwrap();
         dimple_proto::tls::InternalTls {
@@ -663,4 +698,3 @@ impl Drop for TestPki {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
-
