@@ -85,7 +85,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let listeners = serving::listeners(args.listen, args.health_listen).await?;
         let http_listener = serving::bind(args.http_listen, "--http-listen").await?;
         eprintln!(
-            "dimple serve: {} on {} (OpenAI-compatible HTTP on http://{}, metrics on http://{metrics}/metrics)",
+            "dimple serve: {} on {} (metrics on http://{metrics}/metrics, OpenAI-compatible HTTP on http://{})",
             source.name(),
             listeners.grpc.local_addr()?,
             http_listener.local_addr()?,

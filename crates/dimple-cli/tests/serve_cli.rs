@@ -162,6 +162,8 @@ async fn serve_drains_with_probes_and_metrics_up() {
     let mut server = dimple()
         .args(["serve", "--listen", &listen.to_string()])
         .args(["--metrics-listen", "127.0.0.1:0"])
+        // Tests run side by side: no fixed HTTP port.
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(["--health-listen", &probes.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -291,6 +293,8 @@ async fn gzip_compressed_requests_are_accepted() {
     let mut server = dimple()
         .args(["serve", "--listen", &listen.to_string()])
         .args(["--metrics-listen", "127.0.0.1:0"])
+        // Tests run side by side: no fixed HTTP port.
+        .args(["--http-listen", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -332,6 +336,7 @@ fn serve_log_lines(extra: &[&str], n: usize) -> Vec<String> {
         .args(extra)
         .args(["serve", "--listen", &free_addr().to_string()])
         .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
