@@ -738,6 +738,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn max_pending_refuses_beyond_the_limit_until_a_request_ends() {
+        let metrics = RouterMetrics::new(&prometheus::Registry::new()).unwrap();
+        let f = Frontend::new(
+            Arc::new(ModelOnly),
+            Validator::new(
+                Arc::new(PromptBuilder::builtin().unwrap()),
+                crate::validate::ImageLimits::default(),
+            ),
+            Arc::new(metrics),
+            FrontendConfig {
+                max_pending: 1,
+                ..FrontendConfig::default()
+            },
+        );
+        let first = f.prepare(text("hello")).await.unwrap();
+        let e = f.prepare(text("hello")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        // A clone shares the place: the place frees when the last one drops.
+        let clone = first.clone();
+        drop(first);
+        assert!(f.prepare(text("hello")).await.is_err());
+        drop(clone);
+        assert!(f.prepare(text("hello")).await.is_ok());
+    }
+
+    #[test]
+    fn client_deadlines_are_shortened_by_a_small_margin() {
+        let f = frontend(1);
+        let now = Instant::now();
+        let d = f.deadline(Some(Duration::from_secs(10))) - now;
+        assert!(
+            d <= Duration::from_millis(9_900) + Duration::from_millis(50),
+            "{d:?}"
+        );
+        assert!(d >= Duration::from_millis(9_800), "{d:?}");
+        // Short timeouts lose a tenth at most.
+        let d = f.deadline(Some(Duration::from_millis(100))) - Instant::now();
+        assert!(
+            d <= Duration::from_millis(90) + Duration::from_millis(5),
+            "{d:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn text_work_runs_off_the_async_threads() {
         let f = frontend(4);
         let runtime_thread = std::thread::current().id();
