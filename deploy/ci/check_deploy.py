@@ -6,8 +6,7 @@ What is checked, each counted as one line `ok - ...` or `FAIL - ...`:
     matching runtime base, which must ensure libnccl.so.2), exposes the contract's ports;
     .dockerignore keeps what the build reads.
   * Flags: every `--flag` the chart's templates can emit is one that `dimple router --help` /
-    `dimple worker --help` lists (the real binary when found, else the contract's list below),
-    or one of HARDENING_FLAGS (flags other work adds to the binary).
+    `dimple worker --help` lists (the real binary when found, else the contract's list below).
   * For the default values and each file in deploy/ci/values/, under Helm 4 and Helm 3:
     `helm lint --strict` and `helm template`, the same manifests from both, validation of every
     object against the Kubernetes JSON schemas (kubernetes-validate, strict: unknown fields
@@ -82,19 +81,6 @@ CONTRACT_FLAGS = {
         "etcd-endpoints", "etcd-prefix", "lease-ttl-secs", "max-active", "max-waiting",
         "cache-budget-bytes", "max-new-tokens-limit", "max-prompt-tokens", "max-message-bytes",
         "drain-timeout-secs",
-    },
-}
-# Flags the chart emits that the hardening work adds to the binary (health listener, internal
-# mTLS, etcd TLS/auth, router admission). Accepted even when the binary in use lacks them;
-# delete this set once `dimple router/worker --help` list them all.
-HARDENING_FLAGS = {
-    "router": {
-        "health-listen", "internal-tls-cert", "internal-tls-key", "internal-tls-ca", "etcd-ca",
-        "etcd-cert", "etcd-key", "etcd-user", "etcd-password-file", "max-pending",
-    },
-    "worker": {
-        "health-listen", "internal-tls-cert", "internal-tls-key", "internal-tls-ca", "etcd-ca",
-        "etcd-cert", "etcd-key", "etcd-user", "etcd-password-file",
     },
 }
 CONTRACT_PORTS = {50051, 9090, 50061, 9091}
@@ -982,8 +968,7 @@ def main():
     allowed, source, error = find_flags()
     print(f"# flags checked against {source}")
 
-    print("# accepted besides: the hardening flags of HARDENING_FLAGS in deploy/ci/check_deploy.py")
-    allowed = {sub: flags | HARDENING_FLAGS[sub] for sub, flags in (allowed or CONTRACT_FLAGS).items()}
+    allowed = allowed or CONTRACT_FLAGS
 
     def flags_known():
         assert error is None, error

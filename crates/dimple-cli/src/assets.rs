@@ -2,7 +2,9 @@
 //! template and preprocessing files of the model it serves (`GetPromptAssets`), writes them
 //! into a private directory and reads that directory as it would read `--model`. Routers then
 //! need no access to the weights' volume. Start-up waits, retrying, until a worker answers:
-//! workers only serve once their weights are loaded.
+//! workers only serve once their weights are loaded. Workers are dialled with the router's
+//! internal TLS settings (`--internal-tls-*`) and etcd with its TLS and credentials, as for
+//! serving.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use dimple_proto::assets::{TOKENIZER_FILE, is_prompt_asset};
 use dimple_proto::discovery::WorkerRecord;
+use dimple_proto::tls::InternalTls;
 use dimple_proto::worker as pb;
 use dimple_proto::worker::worker_client::WorkerClient;
 use dimple_router::Discovery;
@@ -24,6 +27,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub async fn fetch_into(
     discovery: &Discovery,
     max_message_bytes: usize,
+    tls: Option<&InternalTls>,
     dir: &Path,
 ) -> anyhow::Result<String> {
     let mut backoff = Duration::from_millis(200);
@@ -39,7 +43,7 @@ pub async fn fetch_into(
             tracing::info!("no worker registered yet; waiting for one to fetch the prompt assets");
         }
         for addr in &addrs {
-            match ask(addr, max_message_bytes).await {
+            match ask(addr, max_message_bytes, tls).await {
                 Ok(assets) => {
                     write_assets(&assets, dir)
                         .with_context(|| format!("prompt assets from worker {addr}"))?;
@@ -60,8 +64,18 @@ pub async fn fetch_into(
 async fn worker_addrs(discovery: &Discovery) -> anyhow::Result<Vec<String>> {
     match discovery {
         Discovery::Static(addrs) => Ok(addrs.clone()),
-        Discovery::Etcd { endpoints, prefix } => {
-            let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+        Discovery::Etcd {
+            endpoints,
+            prefix,
+            security,
+        } => {
+            let mut opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+            if let Some(tls) = security.tls() {
+                opts = opts.with_tls(tls);
+            }
+            if let Some((user, password)) = &security.user {
+                opts = opts.with_user(user, password);
+            }
             let mut client = Client::connect(endpoints, Some(opts))
                 .await
                 .context("connecting to etcd")?;
@@ -82,9 +96,20 @@ async fn worker_addrs(discovery: &Discovery) -> anyhow::Result<Vec<String>> {
     }
 }
 
-async fn ask(addr: &str, max_message_bytes: usize) -> anyhow::Result<pb::PromptAssets> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("worker address {addr:?}"))?
+async fn ask(
+    addr: &str,
+    max_message_bytes: usize,
+    tls: Option<&InternalTls>,
+) -> anyhow::Result<pb::PromptAssets> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .with_context(|| format!("worker address {addr:?}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client())
+            .with_context(|| format!("TLS to worker {addr}"))?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(30))
         .connect()

@@ -5,6 +5,7 @@ mod assets;
 mod bench_random;
 mod device;
 mod generate;
+mod logging;
 mod model_source;
 mod remote;
 mod router;
@@ -22,6 +23,15 @@ use clap::{Parser, Subcommand};
     about = "Serving cluster for discrete-diffusion multimodal language models (Dimple)"
 )]
 struct Cli {
+    /// Log lines as text or as one JSON object each (level from `DIMPLE_LOG`, default warn).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "DIMPLE_LOG_FORMAT"
+    )]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -50,14 +60,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DIMPLE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Router(args) => router::run(args),

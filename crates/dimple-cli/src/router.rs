@@ -29,6 +29,10 @@ pub struct RouterArgs {
     /// Address of the HTTP `/metrics` endpoint.
     #[arg(long, default_value = "0.0.0.0:9090", env = "DIMPLE_METRICS_LISTEN")]
     pub metrics_listen: SocketAddr,
+    /// Optional plaintext listener serving only `grpc.health.v1` (for probes when the main
+    /// port needs TLS): `""` is liveness, the service name readiness.
+    #[arg(long, env = "DIMPLE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Model directory: only tokenizer.json, the chat template and preprocessor_config.json
     /// are read. The built-in demo tokenizer when absent.
     #[arg(long, env = "DIMPLE_MODEL")]
@@ -54,6 +58,7 @@ pub struct RouterArgs {
     #[arg(long, env = "DIMPLE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// One API key per line; when set, every public call needs `authorization: Bearer <key>`.
+    /// Re-read when it changes (checked every 2 s) and on SIGHUP.
     #[arg(long, env = "DIMPLE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     /// Upper bound of every request's deadline.
@@ -62,6 +67,14 @@ pub struct RouterArgs {
     /// Largest gRPC message, in and out.
     #[arg(long, default_value_t = 64 << 20, env = "DIMPLE_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: usize,
+    /// Generation requests served at once at most; beyond, RESOURCE_EXHAUSTED at once
+    /// (0: no limit).
+    #[arg(long, default_value_t = 0, env = "DIMPLE_MAX_PENDING")]
+    pub max_pending: usize,
+    #[command(flatten)]
+    pub internal_tls: serving::InternalTlsArgs,
+    #[command(flatten)]
+    pub etcd_security: serving::EtcdSecurityArgs,
     /// Running requests get this long to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "DIMPLE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
@@ -72,17 +85,20 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         Discovery::Etcd {
             endpoints: args.etcd_endpoints.clone(),
             prefix: args.etcd_prefix.clone(),
+            security: args.etcd_security.load()?,
         }
     } else if !args.workers.is_empty() {
         Discovery::Static(args.workers.clone())
     } else {
         bail!("give `--workers HOST:PORT,...` or `--etcd-endpoints URL,...`");
     };
+    let internal_tls = args.internal_tls.load()?;
     let source = if args.assets_from_workers {
         let dir = crate::assets::private_dir();
         serving::block_on(crate::assets::fetch_into(
             &discovery,
             args.max_message_bytes,
+            internal_tls.as_ref(),
             &dir,
         ))?;
         ModelSource(Some(dir))
@@ -110,6 +126,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         }
         None => ApiKeys::default(),
     };
+    let api_keys_reload = api_keys.clone();
     let cfg = RouterConfig {
         discovery,
         request_timeout: Duration::from_secs(args.request_timeout_secs),
@@ -119,23 +136,24 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         images: serving::image_limits(&source.preprocess_config()?),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         max_bytes_per_token: args.max_bytes_per_token,
+        max_pending: args.max_pending,
+        internal_tls,
         ..RouterConfig::default()
     };
     let registry = Registry::new();
     let router = Router::new(prompt, cfg, &registry)?;
     serving::block_on(async move {
         let shutdown = Shutdown::on_signals();
-        serving::spawn_metrics(
+        serving::reload_on_sighup(api_keys_reload);
+        let metrics = serving::spawn_metrics(
             args.metrics_listen,
             serving::renderer(registry, router.metrics_refresher()),
-            &shutdown,
         )
         .await?;
-        let listener = serving::bind(args.listen, "--listen").await?;
+        let listeners = serving::listeners(args.listen, args.health_listen).await?;
         eprintln!(
-            "dimple router: listening on {} (metrics on {})",
-            listener.local_addr()?,
-            args.metrics_listen
+            "dimple router: listening on {} (metrics on {metrics})",
+            listeners.grpc.local_addr()?,
         );
         let http = match args.http_listen {
             Some(addr) => {
@@ -152,7 +170,7 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
-        dimple_router::serve(listener, router, shutdown.wait()).await?;
+        dimple_router::serve(listeners, router, shutdown.wait()).await?;
         if let Some(h) = http {
             h.await??;
         }

@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// Address of the HTTP `/metrics` endpoint.
     #[arg(long, default_value = "127.0.0.1:9090", env = "DIMPLE_METRICS_LISTEN")]
     pub metrics_listen: SocketAddr,
+    /// Optional plaintext listener serving only `grpc.health.v1` (for probes when the main
+    /// port needs TLS): `""` is liveness, the service name readiness.
+    #[arg(long, env = "DIMPLE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Checkpoint directory; the built-in demo model when absent.
     #[arg(long, env = "DIMPLE_MODEL")]
     pub model: Option<PathBuf>,
@@ -42,6 +46,10 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
 }
+
+/// After an engine failure, how long the process stays up so that failed requests'
+/// statuses reach their callers.
+const FAILURE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let source = ModelSource(args.model.clone());
@@ -71,26 +79,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 r();
             }
         };
-        serving::spawn_metrics(
-            args.metrics_listen,
-            serving::renderer(registry, refresh),
-            &shutdown,
-        )
-        .await?;
-        let listener = serving::bind(args.listen, "--listen").await?;
+        let metrics =
+            serving::spawn_metrics(args.metrics_listen, serving::renderer(registry, refresh))
+                .await?;
+        let listeners = serving::listeners(args.listen, args.health_listen).await?;
         let http_listener = serving::bind(args.http_listen, "--http-listen").await?;
         eprintln!(
-            "dimple serve: {} on {} (OpenAI-compatible HTTP on http://{}, metrics on http://{}/metrics)",
+            "dimple serve: {} on {} (metrics on http://{metrics}/metrics, OpenAI-compatible HTTP on http://{})",
             source.name(),
-            listener.local_addr()?,
+            listeners.grpc.local_addr()?,
             http_listener.local_addr()?,
-            args.metrics_listen
         );
         let http = tokio::spawn(dimple_router::serve_http(
             http_listener,
             router.http_api(),
             shutdown.wait(),
         ));
+        // The engine's step watchdog; completes with the cause if the engine fails.
+        let failure = dimple_worker::supervise(worker.clone(), args.engine.step_watchdog()?);
         let drain = {
             let worker = worker.clone();
             let wait = shutdown.wait();
@@ -99,9 +105,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 worker.begin_drain();
             }
         };
-        dimple_router::serve(listener, router, drain).await?;
-        http.await??;
-        worker.shutdown();
+        let router_task = dimple_router::serve(listeners, router, drain);
+        tokio::pin!(router_task);
+        tokio::select! {
+            r = &mut router_task => {
+                r?;
+                http.await??;
+                worker.shutdown();
+            }
+            // A failed engine: the process exits non-zero (its supervisor restarts it)
+            // instead of serving with no engine, once failed requests got their statuses.
+            why = failure => {
+                tracing::error!(error = %why, "the engine failed; exiting after {FAILURE_GRACE:?}");
+                worker.begin_drain();
+                tokio::time::sleep(FAILURE_GRACE).await;
+                worker.shutdown();
+                anyhow::bail!("the engine failed: {why}");
+            }
+        }
         Ok(())
     })
 }

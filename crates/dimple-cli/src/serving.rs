@@ -4,15 +4,17 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Args;
 use dimple_core::params::DecodeLimits;
 use dimple_engine::EngineConfig;
 use dimple_model::Checkpoint;
 use dimple_model::preprocess::PreprocessConfig;
 use dimple_proto::telemetry::{Render, serve_metrics};
+use dimple_proto::tls::{EtcdSecurity, InternalTls};
 use dimple_router::frontend::{Frontend, FrontendConfig};
 use dimple_router::metrics::RouterMetrics;
 use dimple_router::prompt::PromptBuilder;
@@ -46,9 +48,28 @@ pub struct EngineArgs {
     /// Prompt tokens (image tokens included) at most.
     #[arg(long, default_value_t = EngineConfig::default().max_prompt_tokens, env = "DIMPLE_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: usize,
+    /// A step running longer than this many seconds marks the worker NOT_SERVING until steps
+    /// finish again (0: no watchdog).
+    #[arg(long, default_value_t = 60.0, env = "DIMPLE_STEP_WATCHDOG_SECS")]
+    pub step_watchdog_secs: f64,
 }
 
 impl EngineArgs {
+    /// The worker's step watchdog.
+    pub fn step_watchdog(&self) -> anyhow::Result<Option<std::time::Duration>> {
+        if self.step_watchdog_secs == 0.0 {
+            return Ok(None);
+        }
+        std::time::Duration::try_from_secs_f64(self.step_watchdog_secs)
+            .map(Some)
+            .with_context(|| {
+                format!(
+                    "`--step-watchdog-secs` must be a number of seconds, got {}",
+                    self.step_watchdog_secs
+                )
+            })
+    }
+
     pub fn config(&self) -> EngineConfig {
         EngineConfig {
             max_active: self.max_active,
@@ -92,6 +113,7 @@ pub fn start_worker_with(
         Some(dir) => Checkpoint::Dir(dir.clone()),
         None => Checkpoint::Builtin,
     };
+    check_vocab(source, &checkpoint)?;
     let cfg = WorkerConfig {
         model_name: source.name(),
         default_max_new_tokens: crate::generate::default_response_len(source),
@@ -130,6 +152,33 @@ pub fn local_frontend(
     )))
 }
 
+/// Refuses a tokenizer whose ids reach beyond the model's vocabulary (they would index past
+/// the embedding table). A vocabulary padded beyond the tokenizer is normal. Checked before
+/// the weights load; a model directory without `tokenizer.json` has nothing to check.
+fn check_vocab(source: &ModelSource, checkpoint: &Checkpoint) -> anyhow::Result<()> {
+    let tokenizer = match &source.0 {
+        None => PromptBuilder::builtin()?,
+        Some(dir) if dir.join("tokenizer.json").exists() => {
+            PromptBuilder::from_file(&dir.join("tokenizer.json"), None)
+                .with_context(|| format!("loading the tokenizer from {}", dir.display()))?
+        }
+        Some(_) => return Ok(()),
+    };
+    let model = checkpoint
+        .config()
+        .with_context(|| format!("reading the model config of {}", source.name()))?
+        .vocab_size;
+    let ids = tokenizer.vocab_size();
+    if ids > model {
+        bail!(
+            "the tokenizer of {} has {ids} ids but the model's vocabulary has only {model}: \
+             ids {model} and above cannot be embedded",
+            source.name()
+        );
+    }
+    Ok(())
+}
+
 pub use dimple_worker::image_limits;
 
 /// A shutdown signal shared by several servers: set once on SIGTERM or Ctrl-C.
@@ -155,6 +204,24 @@ impl Shutdown {
             let _ = rx.wait_for(|s| *s).await;
         }
     }
+}
+
+/// Re-reads the API key file on every SIGHUP (must run inside the runtime).
+pub fn reload_on_sighup(keys: dimple_router::ApiKeys) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; API keys reload only when the file changes");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: re-reading the API keys");
+            keys.reload();
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = keys;
 }
 
 async fn wait_for_signal() {
@@ -186,16 +253,27 @@ pub async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("binding `{flag}` {addr}"))
 }
 
-/// Serves `/metrics` in the background until the shutdown signal.
-pub async fn spawn_metrics(
-    addr: SocketAddr,
-    render: Render,
-    shutdown: &Shutdown,
-) -> anyhow::Result<()> {
+/// Serves `/metrics` in the background for as long as the process runs (a drain included:
+/// it is when the numbers matter most). Returns the address bound (`:0` picks a port).
+pub async fn spawn_metrics(addr: SocketAddr, render: Render) -> anyhow::Result<SocketAddr> {
     let listener = bind(addr, "--metrics-listen").await?;
-    tracing::info!(addr = %listener.local_addr()?, "metrics on /metrics");
-    tokio::spawn(serve_metrics(listener, render, shutdown.wait()));
-    Ok(())
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, "metrics on /metrics");
+    tokio::spawn(serve_metrics(listener, render, std::future::pending()));
+    Ok(local)
+}
+
+/// The server's listeners: `listen`, and `--health-listen` when given.
+pub async fn listeners(
+    listen: SocketAddr,
+    health: Option<SocketAddr>,
+) -> anyhow::Result<dimple_proto::listeners::Listeners> {
+    let grpc = bind(listen, "--listen").await?;
+    let health = match health {
+        Some(a) => Some(bind(a, "--health-listen").await?),
+        None => None,
+    };
+    Ok(dimple_proto::listeners::Listeners { grpc, health })
 }
 
 /// A renderer of `registry` that runs `refresh` first (gauges read at scrape time).
@@ -213,4 +291,89 @@ pub fn block_on<T>(fut: impl Future<Output = anyhow::Result<T>>) -> anyhow::Resu
         .build()
         .context("starting the tokio runtime")?
         .block_on(fut)
+}
+
+/// Mutual TLS between routers and workers (all three files, or none).
+#[derive(Args, Debug, Clone)]
+pub struct InternalTlsArgs {
+    /// This process's certificate chain (PEM) for router-worker traffic; with
+    /// `--internal-tls-key` and `--internal-tls-ca`, that traffic uses mutual TLS.
+    #[arg(long, env = "DIMPLE_INTERNAL_TLS_CERT", requires_all = ["internal_tls_key", "internal_tls_ca"])]
+    pub internal_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--internal-tls-cert`.
+    #[arg(long, env = "DIMPLE_INTERNAL_TLS_KEY", requires = "internal_tls_cert")]
+    pub internal_tls_key: Option<PathBuf>,
+    /// CA (PEM) the other side's certificate must chain to.
+    #[arg(long, env = "DIMPLE_INTERNAL_TLS_CA", requires = "internal_tls_cert")]
+    pub internal_tls_ca: Option<PathBuf>,
+}
+
+impl InternalTlsArgs {
+    pub fn load(&self) -> anyhow::Result<Option<InternalTls>> {
+        let (Some(cert), Some(key), Some(ca)) = (
+            &self.internal_tls_cert,
+            &self.internal_tls_key,
+            &self.internal_tls_ca,
+        ) else {
+            return Ok(None);
+        };
+        Ok(Some(InternalTls {
+            cert_pem: read(cert, "--internal-tls-cert")?,
+            key_pem: read(key, "--internal-tls-key")?,
+            ca_pem: read(ca, "--internal-tls-ca")?,
+        }))
+    }
+}
+
+/// TLS and credentials for etcd (all optional).
+#[derive(Args, Debug, Clone)]
+pub struct EtcdSecurityArgs {
+    /// CA (PEM) of etcd's server certificate; turns TLS on (use `https://` endpoints).
+    #[arg(long, env = "DIMPLE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, when it requires one.
+    #[arg(long, env = "DIMPLE_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    pub etcd_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--etcd-cert`.
+    #[arg(long, env = "DIMPLE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd username, with `--etcd-password-file`.
+    #[arg(long, env = "DIMPLE_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// File holding the etcd password (one line; the trailing newline is ignored).
+    #[arg(long, env = "DIMPLE_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdSecurityArgs {
+    pub fn load(&self) -> anyhow::Result<EtcdSecurity> {
+        let client_pem = match (&self.etcd_cert, &self.etcd_key) {
+            (Some(c), Some(k)) => Some((read(c, "--etcd-cert")?, read(k, "--etcd-key")?)),
+            _ => None,
+        };
+        let user = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(u), Some(p)) => {
+                let password = String::from_utf8(read(p, "--etcd-password-file")?)
+                    .context("`--etcd-password-file` is not UTF-8")?;
+                Some((
+                    u.clone(),
+                    password.trim_end_matches(['\r', '\n']).to_owned(),
+                ))
+            }
+            _ => None,
+        };
+        Ok(EtcdSecurity {
+            ca_pem: self
+                .etcd_ca
+                .as_ref()
+                .map(|p| read(p, "--etcd-ca"))
+                .transpose()?,
+            client_pem,
+            user,
+        })
+    }
+}
+
+fn read(path: &std::path::Path, flag: &str) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading `{flag}` {}", path.display()))
 }

@@ -26,6 +26,10 @@ pub struct WorkerArgs {
     /// Address of the HTTP `/metrics` endpoint.
     #[arg(long, default_value = "0.0.0.0:9091", env = "DIMPLE_METRICS_LISTEN")]
     pub metrics_listen: SocketAddr,
+    /// Optional plaintext listener serving only `grpc.health.v1` (for probes when the main
+    /// port needs TLS): `""` is liveness, the service name readiness.
+    #[arg(long, env = "DIMPLE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Checkpoint directory; the built-in demo model when absent.
     #[arg(long, env = "DIMPLE_MODEL")]
     pub model: Option<PathBuf>,
@@ -42,6 +46,10 @@ pub struct WorkerArgs {
     pub lease_ttl_secs: u64,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub internal_tls: serving::InternalTlsArgs,
+    #[command(flatten)]
+    pub etcd_security: serving::EtcdSecurityArgs,
     /// Running requests get this long to finish after SIGTERM.
     #[arg(long, default_value_t = 30, env = "DIMPLE_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
@@ -66,36 +74,39 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             let w = worker.clone();
             move || w.refresh_metrics()
         };
-        serving::spawn_metrics(
-            args.metrics_listen,
-            serving::renderer(registry, refresh),
-            &shutdown,
-        )
-        .await?;
-        let listener = serving::bind(args.listen, "--listen").await?;
+        let metrics =
+            serving::spawn_metrics(args.metrics_listen, serving::renderer(registry, refresh))
+                .await?;
+        let listeners = serving::listeners(args.listen, args.health_listen).await?;
         let advertise_addr = args
             .advertise_addr
             .clone()
             .unwrap_or_else(|| args.listen.to_string());
-        let etcd = (!args.etcd_endpoints.is_empty()).then(|| EtcdConfig {
-            endpoints: args.etcd_endpoints.clone(),
-            prefix: args.etcd_prefix.clone(),
-            lease_ttl: Duration::from_secs(args.lease_ttl_secs),
-        });
+        let etcd = match args.etcd_endpoints.is_empty() {
+            true => None,
+            false => Some(EtcdConfig {
+                endpoints: args.etcd_endpoints.clone(),
+                prefix: args.etcd_prefix.clone(),
+                lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+                security: args.etcd_security.load()?,
+            }),
+        };
         let opts = ServeOptions {
             etcd,
             advertise_addr,
             drain_timeout: Duration::from_secs(args.drain_timeout_secs),
             max_message_bytes: args.max_message_bytes,
             prompt_assets: Some(std::sync::Arc::new(prompt_assets)),
+            step_watchdog: args.engine.step_watchdog()?,
+            tls: args.internal_tls.load()?,
+            ..ServeOptions::default()
         };
         eprintln!(
-            "dimple worker: {} on {} (metrics on {})",
+            "dimple worker: {} on {} (metrics on {metrics})",
             source.name(),
-            listener.local_addr()?,
-            args.metrics_listen
+            listeners.grpc.local_addr()?,
         );
-        dimple_worker::serve(listener, worker, opts, shutdown.wait()).await?;
+        dimple_worker::serve(listeners, worker, opts, shutdown.wait()).await?;
         Ok(())
     })
 }

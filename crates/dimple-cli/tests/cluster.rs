@@ -555,7 +555,8 @@ async fn tls_api_keys_health_and_graceful_drain() {
         };
     assert!(plain);
 
-    // Health needs no key; it turns NOT_SERVING when draining, while a running stream ends normally.
+    // Health needs no key; readiness turns NOT_SERVING when draining, while a running stream
+    // ends normally.
     let mut health = HealthClient::new(channel);
     let check = health
         .check(HealthCheckRequest {
@@ -566,7 +567,7 @@ async fn tls_api_keys_health_and_graceful_drain() {
     assert_eq!(check.into_inner().status(), ServingStatus::Serving);
     let mut watch = health
         .watch(HealthCheckRequest {
-            service: String::new(),
+            service: "dimple.v1.Dimple".into(),
         })
         .await
         .unwrap()
@@ -602,11 +603,52 @@ async fn tls_api_keys_health_and_graceful_drain() {
     router.stopped().await;
 }
 
+/// One health check on a fresh connection (as a probe makes it); the status as a number.
+async fn health_status(addr: std::net::SocketAddr, service: &str) -> i32 {
+    health(addr, service).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bounded_load_every_good_request_answered_every_bad_one_rejected() {
     const TOTAL: usize = 500;
     const CONCURRENCY: usize = 32;
-    let (router, _workers) = cluster(2, engine_config()).await;
+    let (router, workers) = cluster(2, engine_config()).await;
+    let t = Instant::now();
+    while health_status(router.addr, "dimple.v1.Dimple").await != 1
+        || health_status(workers[0].addr, "dimple.worker.v1.Worker").await != 1
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the cluster turns ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // While the load runs: health checks (router readiness, a worker's readiness) and a small
+    // request on their own connections, every 100 ms.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let done = done.clone();
+        let (router_addr, worker_addr) = (router.addr, workers[0].addr);
+        let mut small = router.client().await;
+        tokio::spawn(async move {
+            let (mut health, mut answers) = (Vec::new(), Vec::new());
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                for (addr, service) in [
+                    (router_addr, "dimple.v1.Dimple"),
+                    (worker_addr, "dimple.worker.v1.Worker"),
+                ] {
+                    let t = Instant::now();
+                    assert_eq!(health_status(addr, service).await, 1, "{service} ready");
+                    health.push(t.elapsed());
+                }
+                let t = Instant::now();
+                small.generate(small_request(1)).await.unwrap();
+                answers.push(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (health, answers)
+        })
+    };
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
     let started = Instant::now();
     let mut handles = Vec::with_capacity(TOTAL);
@@ -647,6 +689,21 @@ async fn bounded_load_every_good_request_answered_every_bad_one_rejected() {
         }
     }
     let wall = started.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let (mut health, mut answers) = probe.await.unwrap();
+    assert!(!answers.is_empty());
+    health.sort();
+    answers.sort();
+    println!(
+        "during the load: {} health checks, max {:?}; {} one-slot requests, median {:?}, max {:?}",
+        health.len(),
+        health.last().unwrap(),
+        answers.len(),
+        answers[answers.len() / 2],
+        answers.last().unwrap()
+    );
+    assert!(*health.last().unwrap() < Duration::from_millis(500));
+    assert!(answers[answers.len() / 2] < Duration::from_millis(500));
     latencies.sort();
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
     println!(

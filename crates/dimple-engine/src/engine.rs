@@ -18,6 +18,7 @@ use std::time::Instant;
 use dimple_core::params::{CacheMode, DecodeLimits, DecodeParams, FinishReason};
 use dimple_model::{Checkpoint, DimpleConfig, DimpleModel, kv_cache_bytes_per_rank};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::watch;
 
 use crate::EngineError;
 use crate::events::EngineEvent;
@@ -104,6 +105,9 @@ struct Shared {
     healthy: AtomicBool,
     next_id: AtomicU64,
     failure: Mutex<Option<String>>,
+    /// Set once when the engine fails (never on a requested shutdown), before the requests
+    /// it held are failed: whoever sees such a failed request can already tell the cause.
+    failed: watch::Sender<Option<String>>,
 }
 
 struct Pending {
@@ -258,6 +262,12 @@ impl EngineHandle {
         let _ = self.tx.send(Command::Shutdown);
     }
 
+    /// The engine's failure, once it has failed (a model error or a panic, as opposed to a
+    /// requested shutdown): `Some(why)` from then on.
+    pub fn failed(&self) -> watch::Receiver<Option<String>> {
+        self.shared.failed.subscribe()
+    }
+
     fn failure(&self) -> String {
         self.shared
             .failure
@@ -322,6 +332,7 @@ fn spawn(
         healthy: AtomicBool::new(true),
         next_id: AtomicU64::new(1),
         failure: Mutex::new(None),
+        failed: watch::Sender::new(None),
     });
     let model_cfg = Arc::new(model_cfg);
     let handle = EngineHandle {
@@ -367,8 +378,9 @@ impl EngineHandle {
     fn mark_failed(&self, why: String) {
         self.shared.healthy.store(false, Ordering::Release);
         if let Ok(mut f) = self.shared.failure.lock() {
-            *f = Some(why);
+            *f = Some(why.clone());
         }
+        self.shared.failed.send_replace(Some(why));
     }
 }
 
@@ -403,6 +415,9 @@ impl Loop {
             let outcome = catch_unwind(AssertUnwindSafe(|| {
                 self.admit();
                 self.reap();
+                // Published before the step, so that a step that never ends shows as
+                // active sequences making no progress.
+                self.publish();
                 self.step()
             }));
             self.publish();
@@ -415,7 +430,7 @@ impl Loop {
                 Err(panic) => {
                     let what = panic_text(&*panic);
                     tracing::error!(%what, "engine step panicked; failing all requests");
-                    self.stop(format!("the engine failed: {what}"));
+                    self.fail(format!("the engine failed: {what}"));
                     self.group.shutdown();
                     return;
                 }
@@ -425,7 +440,7 @@ impl Loop {
 
     fn group_failed(&mut self, e: String) {
         tracing::error!(error = %e, "the model's rank group failed; failing all requests");
-        self.stop(format!("the model failed: {e}"));
+        self.fail(format!("the engine failed: {e}"));
         self.group.shutdown();
     }
 
@@ -652,6 +667,12 @@ impl Loop {
         self.shared
             .cache_used
             .store(self.pool.used(), Ordering::Release);
+    }
+
+    /// The engine failed: publishes the cause, then fails everything.
+    fn fail(&mut self, why: String) {
+        self.shared.failed.send_replace(Some(why.clone()));
+        self.stop(why);
     }
 
     /// Fails everything and marks the engine unhealthy.

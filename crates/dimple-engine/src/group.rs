@@ -57,6 +57,8 @@ pub enum FaultKind {
     Error,
     /// The rank's thread panics.
     Panic,
+    /// The rank's step sleeps this many milliseconds, then carries on (a stuck device).
+    Hang { millis: u64 },
 }
 
 /// A fault injected into one rank, for testing how the group fails: at forward pass
@@ -613,6 +615,10 @@ impl Rank {
                     f.forward_pass
                 ))),
                 FaultKind::Panic => panic!("injected panic at forward pass {}", f.forward_pass),
+                FaultKind::Hang { millis } => {
+                    std::thread::sleep(Duration::from_millis(millis));
+                    Ok(())
+                }
             },
             _ => Ok(()),
         }

@@ -30,15 +30,23 @@ pub mod names {
     pub const ROUTER_REQUEST_STEPS: &str = "dimple_router_request_nfe_steps";
     /// Counter: attempts on another worker after one failed before streaming anything.
     pub const ROUTER_RETRIES: &str = "dimple_router_retries_total";
+    /// Counter, label `reason` (`budget`: the router-wide retry budget was spent;
+    /// `engine_failed`: the request already failed the engine of two workers): retries not
+    /// made.
+    pub const ROUTER_RETRIES_DENIED: &str = "dimple_router_retries_denied_total";
     /// Gauge: workers known (static list or etcd).
     pub const ROUTER_WORKERS: &str = "dimple_router_workers_count";
     /// Gauge: generation requests being served.
     pub const ROUTER_INFLIGHT: &str = "dimple_router_inflight_requests";
+    /// Gauge, 0 or 1: the router is draining (after SIGTERM, until it exits).
+    pub const ROUTER_DRAINING: &str = "dimple_router_draining";
 
     /// Counter, label `outcome`: generation requests a worker answered.
     pub const WORKER_REQUESTS: &str = "dimple_worker_requests_total";
     /// Gauge: requests received and not yet answered.
     pub const WORKER_OUTSTANDING: &str = "dimple_worker_outstanding_requests";
+    /// Gauge, 0 or 1: the worker is draining (after SIGTERM or an engine failure).
+    pub const WORKER_DRAINING: &str = "dimple_worker_draining";
     /// Histogram: image bytes to patches, per image.
     pub const WORKER_PREPROCESS_DURATION: &str = "dimple_worker_preprocess_duration_seconds";
 
@@ -248,10 +256,15 @@ mod tests {
             assert!(["router", "worker", "engine"].contains(&parts[1]), "{n}");
             assert!(parts.len() >= 4, "{n} needs a name and a unit");
         }
+        // Flags (0 or 1) have no unit.
+        for n in [names::ROUTER_DRAINING, names::WORKER_DRAINING] {
+            assert_eq!(n.split('_').count(), 3, "{n}");
+        }
         let mut sorted = all.to_vec();
+        sorted.extend([names::ROUTER_DRAINING, names::WORKER_DRAINING]);
         sorted.sort();
         sorted.dedup();
-        assert_eq!(sorted.len(), all.len(), "names are unique");
+        assert_eq!(sorted.len(), all.len() + 2, "names are unique");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use dimple_proto::discovery::WorkerRecord;
+use dimple_proto::tls::EtcdSecurity;
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, WatchOptions};
 use tokio::sync::watch;
 
@@ -22,6 +23,7 @@ pub enum Discovery {
     Etcd {
         endpoints: Vec<String>,
         prefix: String,
+        security: EtcdSecurity,
     },
 }
 
@@ -41,12 +43,16 @@ pub async fn run(discovery: Discovery, pool: WorkerPool, mut stop: watch::Receiv
         Discovery::Static(addrs) => {
             pool.set_addrs(&addrs.into_iter().collect());
         }
-        Discovery::Etcd { endpoints, prefix } => {
+        Discovery::Etcd {
+            endpoints,
+            prefix,
+            security,
+        } => {
             let mut backoff = Duration::from_millis(100);
             loop {
                 tokio::select! {
                     _ = stop.wait_for(|s| *s) => return,
-                    r = watch_prefix(&endpoints, &prefix, &pool) => {
+                    r = watch_prefix(&endpoints, &prefix, &security, &pool) => {
                         let e = match r { Ok(()) => WatchError::Closed, Err(e) => e };
                         tracing::warn!(error = %e, workers = pool.len(), "etcd discovery interrupted; keeping the last known workers");
                     }
@@ -65,12 +71,19 @@ pub async fn run(discovery: Discovery, pool: WorkerPool, mut stop: watch::Receiv
 async fn watch_prefix(
     endpoints: &[String],
     prefix: &str,
+    security: &EtcdSecurity,
     pool: &WorkerPool,
 ) -> Result<(), WatchError> {
-    let opts = ConnectOptions::new()
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
         .with_keep_alive_while_idle(true);
+    if let Some(tls) = security.tls() {
+        opts = opts.with_tls(tls);
+    }
+    if let Some((user, password)) = &security.user {
+        opts = opts.with_user(user, password);
+    }
     let mut client = Client::connect(endpoints, Some(opts)).await?;
     let listed = tokio::time::timeout(
         Duration::from_secs(5),

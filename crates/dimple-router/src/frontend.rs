@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use dimple_core::params::FinishReason;
 use dimple_proto::convert::{GenerateInput, InputMessage, PromptInput};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::RouterError;
@@ -23,6 +23,9 @@ use crate::backend::{Backend, BackendFinished, BackendStep, BackendTimings};
 use crate::metrics::RouterMetrics;
 use crate::prompt::{PromptBuilder, SpecialToken};
 use crate::validate::{ModelView, ValidRequest, Validator, chat_messages_for_template};
+
+/// The most a client's deadline is shortened by so that our answer beats its own timer.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(100);
 
 /// Limits and sizes of the front-end.
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +36,9 @@ pub struct FrontendConfig {
     pub max_message_bytes: usize,
     /// Text jobs (tokenising, rendering) running at once on the blocking pool at most.
     pub text_jobs: usize,
+    /// Generation requests served at once at most, whatever the entry point; beyond,
+    /// RESOURCE_EXHAUSTED at once (0: no limit).
+    pub max_pending: usize,
 }
 
 impl Default for FrontendConfig {
@@ -41,6 +47,7 @@ impl Default for FrontendConfig {
             request_timeout: Duration::from_secs(300),
             max_message_bytes: 64 << 20,
             text_jobs: 64,
+            max_pending: 0,
         }
     }
 }
@@ -114,6 +121,9 @@ pub enum FrontEvent {
 pub struct Prepared {
     pub valid: ValidRequest,
     pub model: ModelView,
+    /// The request's place under `max_pending`, held until the request is answered (by
+    /// every clone of it).
+    pub admitted: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 /// What `Tokenize` takes.
@@ -153,6 +163,8 @@ pub struct Frontend {
     text_jobs: Arc<Semaphore>,
     draining: AtomicBool,
     next_id: AtomicU64,
+    /// Places for generation requests (`cfg.max_pending`), `None` without a limit.
+    pending: Option<Arc<Semaphore>>,
 }
 
 impl Frontend {
@@ -170,6 +182,7 @@ impl Frontend {
             cfg,
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
+            pending: (cfg.max_pending > 0).then(|| Arc::new(Semaphore::new(cfg.max_pending))),
         }
     }
 
@@ -200,9 +213,32 @@ impl Frontend {
     }
 
     /// The deadline of a request arriving now: the client's timeout capped by the server's.
+    ///
+    /// The client's timer started before the request reached us: answering a little early
+    /// makes the client read DEADLINE_EXCEEDED from us rather than a cancellation from its
+    /// own timer.
     pub fn deadline(&self, client_timeout: Option<Duration>) -> Instant {
         let cap = self.cfg.request_timeout;
-        Instant::now() + client_timeout.map_or(cap, |t| t.min(cap))
+        let client = client_timeout.map(|t| t.saturating_sub((t / 10).min(DEADLINE_MARGIN)));
+        Instant::now() + client.map_or(cap, |t| t.min(cap))
+    }
+
+    /// A place for one generation request; refused at once when `max_pending` requests are
+    /// in flight.
+    fn admit(&self) -> Result<Option<Arc<OwnedSemaphorePermit>>, RouterError> {
+        let Some(pending) = &self.pending else {
+            return Ok(None);
+        };
+        pending
+            .clone()
+            .try_acquire_owned()
+            .map(|p| Some(Arc::new(p)))
+            .map_err(|_| {
+                RouterError::Exhausted(format!(
+                    "the server is serving its limit of {} requests (`max_pending`)",
+                    self.cfg.max_pending
+                ))
+            })
     }
 
     /// Runs `job` on the blocking pool. `wait`: wait for a permit (work of an admitted
@@ -236,7 +272,9 @@ impl Frontend {
 
     /// Validates a request against the served model: sizes first (cheap, here), then
     /// tokenising and image probing on the blocking pool.
+    /// Admission (`max_pending`) comes first, before any tokenising or image probing.
     pub async fn prepare(&self, input: GenerateInput) -> Result<Prepared, RouterError> {
+        let admitted = self.admit()?;
         let model = self.backend.model().await?;
         self.validator
             .check_text_size(input.prompt.text_bytes(), &model)?;
@@ -248,7 +286,11 @@ impl Frontend {
         if valid.request_id.is_empty() {
             valid.request_id = format!("req-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
         }
-        Ok(Prepared { valid, model })
+        Ok(Prepared {
+            valid,
+            model,
+            admitted,
+        })
     }
 
     /// Decodes a prepared request and returns the answer.
@@ -696,6 +738,50 @@ mod tests {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         drop(held);
         assert!(f.prepare(text("hello")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn max_pending_refuses_beyond_the_limit_until_a_request_ends() {
+        let metrics = RouterMetrics::new(&prometheus::Registry::new()).unwrap();
+        let f = Frontend::new(
+            Arc::new(ModelOnly),
+            Validator::new(
+                Arc::new(PromptBuilder::builtin().unwrap()),
+                crate::validate::ImageLimits::default(),
+            ),
+            Arc::new(metrics),
+            FrontendConfig {
+                max_pending: 1,
+                ..FrontendConfig::default()
+            },
+        );
+        let first = f.prepare(text("hello")).await.unwrap();
+        let e = f.prepare(text("hello")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        // A clone shares the place: the place frees when the last one drops.
+        let clone = first.clone();
+        drop(first);
+        assert!(f.prepare(text("hello")).await.is_err());
+        drop(clone);
+        assert!(f.prepare(text("hello")).await.is_ok());
+    }
+
+    #[test]
+    fn client_deadlines_are_shortened_by_a_small_margin() {
+        let f = frontend(1);
+        let now = Instant::now();
+        let d = f.deadline(Some(Duration::from_secs(10))) - now;
+        assert!(
+            d <= Duration::from_millis(9_900) + Duration::from_millis(50),
+            "{d:?}"
+        );
+        assert!(d >= Duration::from_millis(9_800), "{d:?}");
+        // Short timeouts lose a tenth at most.
+        let d = f.deadline(Some(Duration::from_millis(100))) - Instant::now();
+        assert!(
+            d <= Duration::from_millis(90) + Duration::from_millis(5),
+            "{d:?}"
+        );
     }
 
     #[tokio::test]

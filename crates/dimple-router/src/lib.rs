@@ -7,8 +7,9 @@
 //! `pool_backend` (the worker pool over gRPC as a backend: choice, retries, streaming),
 //! `prompt` (tokenizer and chat template), `validate` (requests into
 //! [`validate::ValidRequest`]: prompt ids, image header probe, resolved parameters, limits),
-//! `pool` (known workers, least-outstanding choice, load polling), `discovery` (static list
-//! or etcd watch), `service` (the gRPC service), `http` (the OpenAI-compatible HTTP API),
+//! `pool` (known workers, least-outstanding choice, load polling, re-routing away from
+//! workers that stop answering), `retry` (the router-wide retry budget), `discovery` (static
+//! list or etcd watch), `service` (the gRPC service), `http` (the OpenAI-compatible HTTP API),
 //! `auth` (API keys), `metrics`, `server` ([`serve`]: TLS, health, reflection, graceful
 //! drain), `error` (one error type; its codes map to gRPC and HTTP statuses).
 //!
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod pool;
 pub mod pool_backend;
 pub mod prompt;
+pub mod retry;
 pub mod server;
 pub mod service;
 pub mod validate;

@@ -20,6 +20,9 @@ pub const RPCS: [&str; 7] = [
     "http_models",
 ];
 
+/// Values of the `reason` label of denied retries.
+pub const RETRY_DENIALS: [&str; 2] = ["budget", "engine_failed"];
+
 #[derive(Clone)]
 pub struct RouterMetrics {
     requests: IntCounterVec,
@@ -28,8 +31,10 @@ pub struct RouterMetrics {
     first_commit: Histogram,
     steps: Histogram,
     retries: IntCounter,
+    retries_denied: IntCounterVec,
     workers: IntGauge,
     inflight: IntGauge,
+    draining: IntGauge,
 }
 
 impl RouterMetrics {
@@ -61,13 +66,30 @@ impl RouterMetrics {
             "Attempts on another worker after a failure.",
         )?;
         registry.register(Box::new(retries.clone()))?;
+        let retries_denied = IntCounterVec::new(
+            Opts::new(
+                names::ROUTER_RETRIES_DENIED,
+                "Retries not made: the retry budget was spent, or the request failed two engines.",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(retries_denied.clone()))?;
+        for r in RETRY_DENIALS {
+            retries_denied.with_label_values(&[r]);
+        }
         let workers = gauge(registry, names::ROUTER_WORKERS, "Workers known.")?;
         let inflight = gauge(
             registry,
             names::ROUTER_INFLIGHT,
             "Generation requests being served.",
         )?;
+        let draining = gauge(
+            registry,
+            names::ROUTER_DRAINING,
+            "1 while the router drains (after SIGTERM), else 0.",
+        )?;
         Ok(Self {
+            draining,
             requests,
             duration,
             queue: histogram(
@@ -89,6 +111,7 @@ impl RouterMetrics {
                 &COUNT_BUCKETS,
             )?,
             retries,
+            retries_denied,
             workers,
             inflight,
         })
@@ -97,6 +120,11 @@ impl RouterMetrics {
     pub fn observe_request(&self, rpc: &str, outcome: &str, seconds: f64) {
         self.requests.with_label_values(&[rpc, outcome]).inc();
         self.duration.with_label_values(&[rpc]).observe(seconds);
+    }
+
+    /// Counts a call answered before it reached the service (no latency to record).
+    pub fn count_request(&self, rpc: &str, outcome: &str) {
+        self.requests.with_label_values(&[rpc, outcome]).inc();
     }
 
     /// Worker-side timings of a finished request.
@@ -112,8 +140,17 @@ impl RouterMetrics {
         self.retries.inc();
     }
 
+    /// A retry not made; `reason` is one of [`RETRY_DENIALS`].
+    pub fn retry_denied(&self, reason: &'static str) {
+        self.retries_denied.with_label_values(&[reason]).inc();
+    }
+
     pub fn set_workers(&self, n: usize) {
         self.workers.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.set(1);
     }
 
     pub fn inflight(&self) -> &IntGauge {

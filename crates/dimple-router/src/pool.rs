@@ -8,6 +8,11 @@
 //! of this router's in-flight count and the worker's own outstanding count (which includes
 //! other routers' requests), workers that failed recently or are draining last, ties broken
 //! round-robin.
+//!
+//! A worker that stops answering (frozen, partitioned) would hold its in-flight requests
+//! until HTTP/2 keep-alive gives up. Instead, each entry has a "down" signal that fires when
+//! a load poll fails, or when a worker that left the set (its etcd lease is gone) no longer
+//! answers a poll; attempts waiting on that worker end at once and are re-routed.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -20,6 +25,8 @@ use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::RouterError;
+use crate::retry::{RetryBudget, RetryBudgetConfig};
+use dimple_proto::tls::InternalTls;
 
 /// One worker as this router sees it.
 pub struct WorkerEntry {
@@ -34,12 +41,21 @@ pub struct WorkerEntry {
     /// Whether the worker takes requests (not draining, engine running).
     accepting: AtomicBool,
     info: OnceLock<WorkerInfo>,
+    /// Bumped each time the worker is found not answering; attempts on it watch this.
+    down: watch::Sender<u64>,
 }
 
 impl WorkerEntry {
     fn new(addr: &str, opts: &ChannelOptions) -> Result<Self, RouterError> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| RouterError::Setup(format!("worker address {addr:?}: {e}")))?
+        let scheme = if opts.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| RouterError::Setup(format!("worker address {addr:?}: {e}")))?;
+        if let Some(tls) = &opts.tls {
+            endpoint = endpoint
+                .tls_config(tls.client())
+                .map_err(|e| RouterError::Setup(format!("TLS to worker {addr}: {e}")))?;
+        }
+        let endpoint = endpoint
             .connect_timeout(opts.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -56,6 +72,7 @@ impl WorkerEntry {
             healthy: AtomicBool::new(true),
             accepting: AtomicBool::new(true),
             info: OnceLock::new(),
+            down: watch::Sender::new(0),
         })
     }
 
@@ -90,6 +107,22 @@ impl WorkerEntry {
         self.healthy.store(false, Ordering::Release);
     }
 
+    /// Completes the next time the worker is found not answering (after this call).
+    pub fn went_down(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.down.subscribe();
+        async move {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The worker does not answer: it goes last, and attempts waiting on it give up.
+    fn signal_down(&self) {
+        self.mark_failed();
+        self.down.send_modify(|n| *n += 1);
+    }
+
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Acquire)
     }
@@ -113,7 +146,8 @@ impl WorkerEntry {
         Ok(self.info.get_or_init(|| info))
     }
 
-    async fn poll(&self, timeout: Duration) {
+    /// Asks for the load; false when the worker did not answer in time.
+    async fn poll(&self, timeout: Duration) -> bool {
         let mut req = tonic::Request::new(LoadRequest {});
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, self.client().load(req)).await {
@@ -122,12 +156,30 @@ impl WorkerEntry {
                 if self.info.get().is_none() {
                     let _ = self.fetch_info(timeout).await;
                 }
+                true
             }
             Ok(Err(e)) => {
                 tracing::debug!(addr = %self.addr, error = %e, "load poll failed");
-                self.mark_failed();
+                self.signal_down();
+                false
             }
-            Err(_) => self.mark_failed(),
+            Err(_) => {
+                tracing::warn!(addr = %self.addr, ?timeout, "load poll timed out; re-routing its requests");
+                self.signal_down();
+                false
+            }
+        }
+    }
+
+    /// A worker that left the set while requests still run on it: a clean drain keeps
+    /// answering polls until they finish; a dead or frozen worker does not, and its
+    /// requests are re-routed.
+    async fn watch_departed(self: Arc<Self>, interval: Duration) {
+        while self.inflight() > 0 {
+            if !self.poll(POLL_TIMEOUT).await {
+                return;
+            }
+            tokio::time::sleep(interval).await;
         }
     }
 }
@@ -141,11 +193,22 @@ impl Drop for InflightGuard {
     }
 }
 
+/// A load poll waits this long for its answer. The worker answers from its gRPC runtime,
+/// never behind the engine, so only a frozen or unreachable worker takes this long; short
+/// enough to re-route that worker's requests within about a second, long enough not to
+/// mistake a loaded machine for a frozen worker.
+const POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How the router dials workers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ChannelOptions {
+    /// Mutual TLS with workers: their certificates must chain to `ca_pem`.
+    pub tls: Option<InternalTls>,
     pub connect_timeout: Duration,
     pub max_message_bytes: usize,
+    /// How often workers' load is polled (also how often a departed worker is checked).
+    pub poll_interval: Duration,
+    pub retry_budget: RetryBudgetConfig,
 }
 
 impl Default for ChannelOptions {
@@ -153,6 +216,9 @@ impl Default for ChannelOptions {
         Self {
             connect_timeout: Duration::from_secs(2),
             max_message_bytes: 64 << 20,
+            poll_interval: Duration::from_secs(1),
+            retry_budget: RetryBudgetConfig::default(),
+            tls: None,
         }
     }
 }
@@ -165,6 +231,7 @@ pub struct WorkerPool {
     tx: Arc<watch::Sender<Snapshot>>,
     opts: ChannelOptions,
     next: Arc<AtomicUsize>,
+    retry_budget: Arc<RetryBudget>,
 }
 
 impl WorkerPool {
@@ -172,9 +239,15 @@ impl WorkerPool {
         let (tx, _) = watch::channel(Arc::new(Vec::new()));
         Self {
             tx: Arc::new(tx),
+            retry_budget: Arc::new(RetryBudget::new(opts.retry_budget)),
             opts,
             next: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// The budget every retry across workers is taken from.
+    pub fn retry_budget(&self) -> &RetryBudget {
+        &self.retry_budget
     }
 
     /// Replaces the set of workers; entries of addresses still present are kept (with their
@@ -199,6 +272,14 @@ impl WorkerPool {
                 .any(|(a, b)| a.addr != b.addr);
         if changed {
             tracing::info!(workers = ?next.iter().map(|e| e.addr.as_str()).collect::<Vec<_>>(), "worker set changed");
+        }
+        let departed = current
+            .iter()
+            .filter(|e| e.inflight() > 0 && !next.iter().any(|n| Arc::ptr_eq(n, e)));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            for e in departed {
+                rt.spawn(e.clone().watch_departed(self.opts.poll_interval));
+            }
         }
         self.tx.send_replace(Arc::new(next));
     }
@@ -281,14 +362,14 @@ impl WorkerPool {
                 _ = stop.wait_for(|s| *s) => return,
                 _ = tick.tick() => {}
             }
-            let snap = self.snapshot();
-            let polls = snap
-                .iter()
-                .map(|e| e.poll(interval.min(Duration::from_secs(2))));
-            // Each poll is bounded by its timeout; waiting for all keeps one round at a time.
-            for p in polls {
-                p.await;
+            // Concurrently, so that one frozen worker does not delay noticing another; each
+            // poll is bounded by its timeout, and waiting for all keeps one round at a time.
+            let mut polls = tokio::task::JoinSet::new();
+            for e in self.snapshot().iter() {
+                let e = e.clone();
+                polls.spawn(async move { e.poll(POLL_TIMEOUT).await });
             }
+            while polls.join_next().await.is_some() {}
         }
     }
 }

@@ -101,16 +101,29 @@ async fn dispatch(
         images: valid.images.clone(),
         params: Some((&valid.params).into()),
     };
+    let budget = backend.pool.retry_budget();
+    budget.record_request();
     let mut failures = Vec::new();
     let mut exhausted = 0;
+    let mut engine_failures = 0;
+    let mut budget_spent = false;
     for (attempt, entry) in ranked.iter().take(MAX_ATTEMPTS).enumerate() {
         if attempt > 0 {
+            if !budget.try_retry() {
+                backend.metrics.retry_denied("budget");
+                budget_spent = true;
+                break;
+            }
             backend.metrics.retry();
             tracing::debug!(addr = %entry.addr, attempt, "retrying on another worker");
         }
         match attempt_on(entry, &wire, deadline, tx).await {
             Ok(resp) => return Ok(resp),
             Err(AttemptError::Final(e)) => return Err(e),
+            // A failure at or after the deadline is the deadline's doing, not the worker's.
+            Err(AttemptError::Retry(_)) if Instant::now() >= deadline => {
+                return Err(RouterError::Deadline("no answer in time".into()));
+            }
             Err(AttemptError::Retry(s)) => {
                 if s.code() == tonic::Code::ResourceExhausted {
                     exhausted += 1;
@@ -119,10 +132,26 @@ async fn dispatch(
                 }
                 tracing::warn!(addr = %entry.addr, code = ?s.code(), error = %s.message(), "worker attempt failed");
                 failures.push(format!("{}: {}", entry.addr, s.message()));
+                // The request may be what broke the engine: one more worker may try it,
+                // not every worker.
+                if dimple_proto::failure::is_engine_failed(&s) {
+                    engine_failures += 1;
+                    if engine_failures > 1 {
+                        backend.metrics.retry_denied("engine_failed");
+                        return Err(RouterError::Unavailable(format!(
+                            "the engines of {engine_failures} workers failed while serving this request; \
+                             it is not retried further ({})",
+                            failures.join("; ")
+                        )));
+                    }
+                }
             }
         }
     }
-    let detail = failures.join("; ");
+    let mut detail = failures.join("; ");
+    if budget_spent {
+        detail.push_str("; not retried further: the router's retry budget is spent");
+    }
     if exhausted == failures.len() {
         Err(RouterError::Exhausted(format!(
             "every worker's queue is full ({detail})"
@@ -143,19 +172,26 @@ async fn attempt_on(
     let _inflight = entry.begin();
     let mut req = Request::new(wire.clone());
     req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    let mut stream = match entry.client().generate(req).await {
+    let down = entry.went_down();
+    tokio::pin!(down);
+    let mut client = entry.client();
+    let call = tokio::select! {
+        r = client.generate(req) => r,
+        _ = &mut down => Err(stopped_answering(entry)),
+    };
+    let mut stream = match call {
         Ok(r) => r.into_inner(),
         Err(s) if retryable(&s) => return Err(AttemptError::Retry(s)),
         Err(s) => return Err(AttemptError::Final(RouterError::Worker(s))),
     };
     let mut streamed = false;
     loop {
-        let next = match tx {
-            Some(tx) => tokio::select! {
-                m = stream.message() => m,
-                _ = tx.closed() => return Err(AttemptError::Final(RouterError::Cancelled)),
-            },
-            None => stream.message().await,
+        let next = tokio::select! {
+            m = stream.message() => m,
+            _ = closed(tx) => return Err(AttemptError::Final(RouterError::Cancelled)),
+            // The worker stopped answering polls (frozen, partitioned): waiting for the
+            // connection to time out would stall this request for many seconds.
+            _ = &mut down => Err(stopped_answering(entry)),
         };
         let failure = match next {
             Ok(Some(worker::GenerateEvent {
@@ -203,6 +239,12 @@ async fn attempt_on(
             Ok(None) => Status::unavailable("the worker ended the stream without a final message"),
             Err(s) => s,
         };
+        // A call cut at the deadline (by tonic's timer or the worker's) is no worker fault.
+        if Instant::now() >= deadline && failure.code() != tonic::Code::InvalidArgument {
+            return Err(AttemptError::Final(RouterError::Deadline(
+                "no answer in time".into(),
+            )));
+        }
         if !streamed && retryable(&failure) {
             return Err(AttemptError::Retry(failure));
         }
@@ -215,6 +257,18 @@ async fn attempt_on(
             ))));
         }
         return Err(AttemptError::Final(RouterError::Worker(failure)));
+    }
+}
+
+fn stopped_answering(entry: &WorkerEntry) -> Status {
+    Status::unavailable(format!("worker {} stopped answering", entry.addr))
+}
+
+/// Completes when the streaming client has gone away; never for a unary call.
+async fn closed(tx: Option<&tokio::sync::mpsc::Sender<BackendStep>>) {
+    match tx {
+        Some(tx) => tx.closed().await,
+        None => std::future::pending().await,
     }
 }
 

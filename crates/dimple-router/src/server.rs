@@ -7,12 +7,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dimple_proto::listeners::Listeners;
+use dimple_proto::tls::InternalTls;
 use dimple_proto::v1::dimple_server::DimpleServer;
 use prometheus::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -26,6 +29,7 @@ use crate::metrics::RouterMetrics;
 use crate::pool::{ChannelOptions, WorkerPool};
 use crate::pool_backend::PoolBackend;
 use crate::prompt::PromptBuilder;
+use crate::retry::RetryBudgetConfig;
 use crate::service::RouterService;
 use crate::validate::{DEFAULT_MAX_BYTES_PER_TOKEN, ImageLimits, Validator};
 
@@ -57,6 +61,15 @@ pub struct RouterConfig {
     pub max_bytes_per_token: usize,
     /// Tokenising and rendering jobs running at once at most (beyond: RESOURCE_EXHAUSTED).
     pub text_jobs: usize,
+    /// Retries across workers allowed, router-wide.
+    pub retry_budget: RetryBudgetConfig,
+    /// Generation requests served at once at most, gRPC and HTTP together; beyond,
+    /// RESOURCE_EXHAUSTED at once (0: no limit).
+    pub max_pending: usize,
+    /// Mutual TLS with workers.
+    pub internal_tls: Option<InternalTls>,
+    /// How often the API key file is checked for changes.
+    pub api_keys_poll: Duration,
 }
 
 impl Default for RouterConfig {
@@ -73,6 +86,10 @@ impl Default for RouterConfig {
             connect_timeout: Duration::from_secs(2),
             max_bytes_per_token: DEFAULT_MAX_BYTES_PER_TOKEN,
             text_jobs: FrontendConfig::default().text_jobs,
+            retry_budget: RetryBudgetConfig::default(),
+            max_pending: 0,
+            internal_tls: None,
+            api_keys_poll: Duration::from_secs(2),
         }
     }
 }
@@ -103,6 +120,9 @@ impl Router {
         let pool = WorkerPool::new(ChannelOptions {
             connect_timeout: cfg.connect_timeout,
             max_message_bytes: cfg.max_message_bytes,
+            poll_interval: cfg.poll_interval,
+            retry_budget: cfg.retry_budget,
+            tls: cfg.internal_tls.clone(),
         });
         let backend = Arc::new(PoolBackend::new(pool.clone(), metrics.clone()));
         Ok(Self::assemble(prompt, cfg, backend, pool, metrics))
@@ -141,6 +161,7 @@ impl Router {
             request_timeout: cfg.request_timeout,
             max_message_bytes: cfg.max_message_bytes,
             text_jobs: cfg.text_jobs,
+            max_pending: cfg.max_pending,
         };
         Self {
             frontend: Arc::new(Frontend::new(backend, validator, metrics, fcfg)),
@@ -177,12 +198,20 @@ impl Router {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, then drains.
+/// Serves `router` on `listeners` until `shutdown` completes, then drains.
+///
+/// Health: `""` is liveness (SERVING while the process runs, drain included);
+/// [`SERVICE_NAME`] is readiness (SERVING while at least one worker is known and the router
+/// is not draining).
 pub async fn serve(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
+    let Listeners {
+        grpc: listener,
+        health: health_listener,
+    } = listeners.into();
     let Router {
         frontend,
         pool,
@@ -192,6 +221,7 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| RouterError::Setup(format!("listener address: {e}")))?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_rx_keys = stop_rx.clone();
     tokio::spawn(discovery::run(
         cfg.discovery.clone(),
         pool.clone(),
@@ -201,8 +231,25 @@ pub async fn serve(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
         .await;
+    // Lives until `serve` returns: probes keep working through the drain.
+    let (_health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(l) = health_listener {
+        let probes = Server::builder()
+            .add_service(health_service.clone())
+            .serve_with_incoming_shutdown(TcpIncoming::from(l), async {
+                let _ = health_stopped.await;
+            });
+        tokio::spawn(probes);
+    }
+    let (draining_tx, draining) = watch::channel(false);
+    tokio::spawn(publish_readiness(
+        pool.clone(),
+        frontend.clone(),
+        health.clone(),
+        draining,
+    ));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(dimple_proto::FILE_DESCRIPTOR_SET)
@@ -219,10 +266,24 @@ pub async fn serve(
         .map_err(|e| RouterError::Setup(format!("reflection: {e}")))?;
 
     let keys = cfg.api_keys.clone();
+    tokio::spawn(keys.clone().watch_file(cfg.api_keys_poll, stop_rx_keys));
+    // Clients may gzip their requests (images compress little, prompts and ids well).
     let public = DimpleServer::new(RouterService::new(frontend.clone()))
+        .accept_compressed(CompressionEncoding::Gzip)
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes);
-    let public = InterceptedService::new(public, move |req| keys.check(req));
+    let counted = frontend.clone();
+    let public = NameRpc(InterceptedService::new(
+        public,
+        move |req: tonic::Request<()>| {
+            let rpc = req.extensions().get::<Rpc>().copied();
+            keys.check(req).inspect_err(|_| {
+                if let Some(Rpc(rpc)) = rpc {
+                    counted.metrics().count_request(rpc, "unauthenticated");
+                }
+            })
+        },
+    ));
 
     let mut builder = Server::builder()
         .tcp_nodelay(true)
@@ -245,9 +306,8 @@ pub async fn serve(
             shutdown.await;
             tracing::info!("router draining");
             frontend.begin_drain();
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
+            frontend.metrics().set_draining();
+            draining_tx.send_replace(true);
             health
                 .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
                 .await;
@@ -270,4 +330,93 @@ pub async fn serve(
     };
     let _ = stop_tx.send(true);
     result
+}
+
+/// How often readiness is re-evaluated besides worker-set changes.
+const READINESS_TICK: Duration = Duration::from_millis(100);
+
+/// Keeps the readiness status ([`SERVICE_NAME`]) in line with the worker set until the
+/// router drains (the drain sets NOT_SERVING itself).
+async fn publish_readiness(
+    pool: WorkerPool,
+    frontend: Arc<Frontend>,
+    health: tonic_health::server::HealthReporter,
+    mut draining: watch::Receiver<bool>,
+) {
+    let mut workers = pool.subscribe();
+    let mut published = None;
+    loop {
+        // Some worker known, or an in-process backend that takes requests.
+        let ready =
+            !pool.is_empty() || (frontend.backend().replicas() > 0 && frontend.backend().ready());
+        if *draining.borrow() {
+            return;
+        }
+        if published != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            health.set_service_status(SERVICE_NAME, status).await;
+            published = Some(ready);
+            // A drain that began meanwhile set NOT_SERVING first: keep that.
+            if *draining.borrow() {
+                health
+                    .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+                    .await;
+                return;
+            }
+        }
+        tokio::select! {
+            r = workers.changed() => if r.is_err() { return },
+            _ = draining.changed() => {}
+            // An in-process backend's state changes without a pool event.
+            _ = tokio::time::sleep(READINESS_TICK) => {}
+        }
+    }
+}
+
+/// Which RPC a request calls, put in its extensions by [`NameRpc`].
+#[derive(Debug, Clone, Copy)]
+struct Rpc(&'static str);
+
+/// The public service with the RPC named in each request's extensions: the API-key
+/// interceptor does not see the request path, and counts its refusals by RPC.
+#[derive(Clone)]
+struct NameRpc<S>(S);
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for NameRpc<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for NameRpc<S>
+where
+    S: tonic::codegen::Service<tonic::codegen::http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let method = req.uri().path().rsplit('/').next().unwrap_or_default();
+        let rpc = match method {
+            "Generate" => Some("generate"),
+            "GenerateStream" => Some("generate_stream"),
+            "Tokenize" => Some("tokenize"),
+            "GetModelInfo" => Some("get_model_info"),
+            _ => None,
+        };
+        if let Some(rpc) = rpc {
+            req.extensions_mut().insert(Rpc(rpc));
+        }
+        self.0.call(req)
+    }
 }

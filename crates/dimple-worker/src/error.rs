@@ -14,6 +14,10 @@ pub enum WorkerError {
     MissingParams,
     #[error("the worker is draining and takes no new requests")]
     Draining,
+    /// The engine failed (model error or panic) while holding the request; the message says
+    /// why. The status carries the cause for routers (`dimple_proto::failure`).
+    #[error("{0}")]
+    EngineFailed(String),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("gRPC server: {0}")]
@@ -46,6 +50,7 @@ impl From<WorkerError> for tonic::Status {
                 tonic::Status::invalid_argument(e.to_string())
             }
             e @ WorkerError::Draining => tonic::Status::unavailable(e.to_string()),
+            WorkerError::EngineFailed(why) => dimple_proto::failure::engine_failed_status(why),
             e @ (WorkerError::Metrics(_)
             | WorkerError::Transport(_)
             | WorkerError::Reflection(_)
@@ -79,5 +84,9 @@ mod tests {
         );
         let s: tonic::Status = WorkerError::Draining.into();
         assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(!dimple_proto::failure::is_engine_failed(&s));
+        let s: tonic::Status = WorkerError::EngineFailed("the engine failed: boom".into()).into();
+        assert!(dimple_proto::failure::is_engine_failed(&s));
+        assert_eq!(s.message(), "the engine failed: boom");
     }
 }

@@ -24,5 +24,5 @@ pub mod worker;
 pub use error::WorkerError;
 pub use local::{LocalBackend, image_limits};
 pub use registration::{EtcdConfig, Registration};
-pub use server::{ServeOptions, serve};
+pub use server::{ServeOptions, serve, supervise};
 pub use worker::{Worker, WorkerConfig, default_max_new_tokens};

@@ -24,6 +24,7 @@ pub struct WorkerMetrics {
     cache_budget: IntGauge,
     queue_depth: IntGauge,
     active: IntGauge,
+    draining: IntGauge,
 }
 
 impl WorkerMetrics {
@@ -99,6 +100,11 @@ impl WorkerMetrics {
                 "Requests waiting for admission.",
             )?,
             active: gauge(registry, names::ENGINE_ACTIVE, "Sequences being decoded.")?,
+            draining: gauge(
+                registry,
+                names::WORKER_DRAINING,
+                "1 while the worker drains (after SIGTERM or an engine failure), else 0.",
+            )?,
         })
     }
 
@@ -126,7 +132,8 @@ impl WorkerMetrics {
     }
 
     /// Copies the engine's current load into the gauges.
-    pub fn refresh(&self, stats: &EngineStats, outstanding: usize) {
+    pub fn refresh(&self, stats: &EngineStats, outstanding: usize, draining: bool) {
+        self.draining.set(i64::from(draining));
         let int = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.cache_used.set(int(stats.cache_used_bytes));
         self.cache_budget.set(int(stats.cache_budget_bytes));

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use dimple_proto::discovery::WorkerRecord;
+use dimple_proto::tls::EtcdSecurity;
 use etcd_client::{Client, ConnectOptions, PutOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -20,6 +21,8 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// Lease TTL: how long a dead worker stays registered at most.
     pub lease_ttl: Duration,
+    /// TLS and credentials for etcd.
+    pub security: EtcdSecurity,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,14 +41,25 @@ enum SessionError {
 pub struct Registration {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    registered: watch::Receiver<bool>,
 }
 
 impl Registration {
     /// Starts registering `record` in the background (it keeps retrying while etcd is away).
     pub fn start(cfg: EtcdConfig, record: WorkerRecord) -> Self {
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(cfg, record, stop_rx));
-        Self { stop, task }
+        let (registered_tx, registered) = watch::channel(false);
+        let task = tokio::spawn(run(cfg, record, stop_rx, registered_tx));
+        Self {
+            stop,
+            task,
+            registered,
+        }
+    }
+
+    /// Whether the worker's key is in etcd under a live lease (false while etcd is away).
+    pub fn registered(&self) -> watch::Receiver<bool> {
+        self.registered.clone()
     }
 
     /// Revokes the lease (so routers drop this worker at once) and stops the task. Bounded:
@@ -61,13 +75,20 @@ impl Registration {
     }
 }
 
-async fn run(cfg: EtcdConfig, record: WorkerRecord, mut stop: watch::Receiver<bool>) {
+async fn run(
+    cfg: EtcdConfig,
+    record: WorkerRecord,
+    mut stop: watch::Receiver<bool>,
+    registered: watch::Sender<bool>,
+) {
     let key = record.key(&cfg.prefix);
     let value = record.to_json();
     let ttl = cfg.lease_ttl.max(Duration::from_secs(1));
     let mut backoff = Duration::from_millis(200);
     loop {
-        match session(&cfg, ttl, &key, &value, &mut stop).await {
+        let result = session(&cfg, ttl, &key, &value, &mut stop, &registered).await;
+        registered.send_replace(false);
+        match result {
             Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, %key, "etcd registration lost; retrying"),
         }
@@ -87,10 +108,17 @@ async fn session(
     key: &str,
     value: &str,
     stop: &mut watch::Receiver<bool>,
+    registered: &watch::Sender<bool>,
 ) -> Result<(), SessionError> {
-    let opts = ConnectOptions::new()
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(ttl);
+    if let Some(tls) = cfg.security.tls() {
+        opts = opts.with_tls(tls);
+    }
+    if let Some((user, password)) = &cfg.security.user {
+        opts = opts.with_user(user, password);
+    }
     let mut client = Client::connect(&cfg.endpoints, Some(opts)).await?;
     let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
     let lease = client.lease_grant(ttl_secs, None).await?.id();
@@ -98,6 +126,7 @@ async fn session(
         .put(key, value, Some(PutOptions::new().with_lease(lease)))
         .await?;
     tracing::info!(%key, lease, "registered in etcd");
+    registered.send_replace(true);
     let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
     let mut tick = tokio::time::interval(ttl / 3);
     loop {

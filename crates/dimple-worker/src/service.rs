@@ -7,6 +7,7 @@
 //! the request and frees its cache at its next step.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -54,6 +55,9 @@ impl WorkerService {
         let req = request.into_inner();
         let params = DecodeParams::try_from(req.params.ok_or(WorkerError::MissingParams)?)
             .map_err(WorkerError::from)?;
+        // Admission before the images are decoded: a request the queue cannot take must not
+        // cost image decoding on every worker the router tries.
+        let _admitted = self.admit()?;
         let images = self.preprocess(req.images).await?;
         tracing::debug!(request_id = %req.request_id, prompt = req.prompt_ids.len(), "submitting");
         let rx = self
@@ -68,6 +72,23 @@ impl WorkerService {
             })
             .map_err(WorkerError::from)?;
         Ok(rx)
+    }
+
+    /// Refuses the request when the engine is down or its queue (counting the requests
+    /// still decoding their images) is full; holds a queue place until submission.
+    fn admit(&self) -> Result<Preprocessing, WorkerError> {
+        let shared = &self.worker.shared;
+        let stats = shared.engine.stats();
+        if !stats.healthy {
+            return Err(WorkerError::Draining);
+        }
+        let limit = shared.engine.config().max_waiting;
+        let before = shared.preprocessing.fetch_add(1, Ordering::AcqRel);
+        let guard = Preprocessing(self.worker.clone());
+        if stats.waiting + before >= limit {
+            return Err(dimple_engine::EngineError::QueueFull { limit }.into());
+        }
+        Ok(guard)
     }
 
     async fn preprocess(&self, images: Vec<Vec<u8>>) -> Result<Vec<EngineImage>, WorkerError> {
@@ -115,6 +136,15 @@ impl pb::worker_server::Worker for WorkerService {
                 "this worker was started without prompt assets",
             )),
         }
+    }
+}
+
+/// A queue place held while a request's images are decoded.
+struct Preprocessing(Worker);
+
+impl Drop for Preprocessing {
+    fn drop(&mut self) {
+        self.0.shared.preprocessing.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -211,7 +241,15 @@ impl Stream for EventStream {
                 })
             }
             Some(EngineEvent::Failed(e)) => {
-                let status = Status::from(WorkerError::from(e));
+                // A request failed because the whole engine failed says so distinctly: it
+                // may be the request that broke it.
+                let failure = self.guard.as_ref().and_then(|g| g.worker.engine_failure());
+                let status = match (e, failure) {
+                    (dimple_engine::EngineError::Unavailable(_), Some(why)) => {
+                        Status::from(WorkerError::EngineFailed(why))
+                    }
+                    (e, _) => Status::from(WorkerError::from(e)),
+                };
                 self.end(outcome(status.code()));
                 Err(status)
             }

@@ -45,6 +45,14 @@ pub(crate) struct Shared {
     /// Requests received and not yet answered, preprocessing included.
     pub outstanding: AtomicUsize,
     pub draining: AtomicBool,
+    /// Requests between admission check and engine submission (decoding their images):
+    /// they count against the engine's waiting queue.
+    pub preprocessing: AtomicUsize,
+    /// Bounds the images decoded at once (each is CPU-heavy, on the blocking pool).
+    pub preprocess_slots: Arc<tokio::sync::Semaphore>,
+    /// The engine has active sequences but finished no step for far longer than a step
+    /// takes (set and cleared by the server's progress watchdog).
+    pub stalled: AtomicBool,
 }
 
 /// One running engine and its bookkeeping. Cheap to clone.
@@ -129,6 +137,11 @@ impl Worker {
                 info,
                 outstanding: AtomicUsize::new(0),
                 draining: AtomicBool::new(false),
+                stalled: AtomicBool::new(false),
+                preprocessing: AtomicUsize::new(0),
+                preprocess_slots: Arc::new(tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(4, |n| n.get()),
+                )),
             }),
         }
     }
@@ -140,7 +153,15 @@ impl Worker {
             return Ok(Vec::new());
         }
         let shared = self.shared.clone();
+        let slot = shared
+            .preprocess_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| WorkerError::Internal(format!("image preprocessing: {e}")))?;
         let job = move || {
+            // Held until the decoding ends, even when the caller stops waiting for it.
+            let _slot = slot;
             let mut out = Vec::with_capacity(images.len());
             for (index, bytes) in images.iter().enumerate() {
                 let started = Instant::now();
@@ -182,7 +203,7 @@ impl Worker {
             max_active: sat_u32(cfg.max_active),
             cache_used_bytes: s.cache_used_bytes as u64,
             cache_budget_bytes: s.cache_budget_bytes as u64,
-            accepting: s.healthy && !self.is_draining(),
+            accepting: self.is_ready_with(&s),
         }
     }
 
@@ -201,9 +222,38 @@ impl Worker {
         }
     }
 
+    /// Whether the worker should get new requests: engine running and making progress, not
+    /// draining.
+    pub fn is_ready(&self) -> bool {
+        self.is_ready_with(&self.shared.engine.stats())
+    }
+
+    fn is_ready_with(&self, s: &dimple_engine::EngineStats) -> bool {
+        s.healthy && !self.is_draining() && !self.shared.stalled.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_stalled(&self, stalled: bool) {
+        self.shared.stalled.store(stalled, Ordering::Release);
+    }
+
+    /// Why the engine failed, once it has (a requested shutdown is not a failure).
+    pub fn engine_failure(&self) -> Option<String> {
+        self.shared.engine.failed().borrow().clone()
+    }
+
     /// Refuses new requests from now on; running ones finish.
     pub fn begin_drain(&self) {
         self.shared.draining.store(true, Ordering::Release);
+    }
+
+    /// Waits until no request is outstanding; false if some still are after `timeout`.
+    pub async fn wait_idle(&self, timeout: std::time::Duration) -> bool {
+        let idle = async {
+            while self.shared.outstanding.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(timeout, idle).await.is_ok()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -215,6 +265,7 @@ impl Worker {
         self.shared.metrics.refresh(
             &self.shared.engine.stats(),
             self.shared.outstanding.load(Ordering::Acquire),
+            self.is_draining(),
         );
     }
 

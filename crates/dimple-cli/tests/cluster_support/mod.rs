@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use dimple_engine::EngineConfig;
-use dimple_model::DimpleModel;
+use dimple_engine::{EngineConfig, FaultInjection, GroupConfig};
 use dimple_model::preprocess::PreprocessConfig;
+use dimple_model::{Checkpoint, DimpleModel};
 use dimple_proto::v1;
 use dimple_proto::v1::dimple_client::DimpleClient;
 use dimple_router::prompt::PromptBuilder;
@@ -42,6 +42,15 @@ pub fn engine_config() -> EngineConfig {
     }
 }
 
+fn worker_config() -> WorkerConfig {
+    WorkerConfig {
+        model_name: "golden".into(),
+        default_max_new_tokens: 16,
+        preprocess: PreprocessConfig::default(),
+        tp: 1,
+    }
+}
+
 /// A worker on its own runtime.
 pub struct WorkerProc {
     pub addr: SocketAddr,
@@ -57,13 +66,70 @@ impl WorkerProc {
         let model =
             DimpleModel::load(&golden(""), DType::F32, &Device::Cpu).expect("golden model loads");
         let registry = Registry::new();
-        let wcfg = WorkerConfig {
-            model_name: "golden".into(),
-            default_max_new_tokens: 16,
-            preprocess: PreprocessConfig::default(),
-            tp: 1,
+        let worker = Worker::start(model, cfg, worker_config(), &registry).expect("worker starts");
+        Self::serve(
+            worker,
+            registry,
+            etcd,
+            ServeOptions::default().step_watchdog,
+            None,
+        )
+    }
+
+    /// A worker whose engine fails as `fault` says (a one-rank group over the golden model).
+    pub fn start_faulty(
+        cfg: EngineConfig,
+        fault: FaultInjection,
+        etcd: Option<EtcdConfig>,
+    ) -> Self {
+        Self::start_faulty_watched(cfg, fault, etcd, ServeOptions::default().step_watchdog)
+    }
+
+    /// [`Self::start_faulty`] with the step watchdog at `step_watchdog`.
+    pub fn start_faulty_watched(
+        cfg: EngineConfig,
+        fault: FaultInjection,
+        etcd: Option<EtcdConfig>,
+        step_watchdog: Option<Duration>,
+    ) -> Self {
+        let registry = Registry::new();
+        let group = GroupConfig {
+            fault: Some(fault),
+            ..GroupConfig::cpu(1)
         };
-        let worker = Worker::start(model, cfg, wcfg, &registry).expect("worker starts");
+        let worker = Worker::start_group(
+            &Checkpoint::Dir(golden("")),
+            group,
+            cfg,
+            worker_config(),
+            &registry,
+        )
+        .expect("worker starts");
+        Self::serve(worker, registry, etcd, step_watchdog, None)
+    }
+
+    /// A worker that speaks only mutual TLS.
+    pub fn start_tls(cfg: EngineConfig, tls: dimple_proto::tls::InternalTls) -> Self {
+        let model =
+            DimpleModel::load(&golden(""), DType::F32, &Device::Cpu).expect("golden model loads");
+        let registry = Registry::new();
+        let worker = Worker::start(model, cfg, worker_config(), &registry).expect("worker starts");
+        Self::serve(
+            worker,
+            registry,
+            None,
+            ServeOptions::default().step_watchdog,
+            Some(tls),
+        )
+    }
+
+    fn serve(
+        worker: Worker,
+        registry: Registry,
+        etcd: Option<EtcdConfig>,
+        step_watchdog: Option<Duration>,
+        tls: Option<dimple_proto::tls::InternalTls>,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -100,6 +166,8 @@ impl WorkerProc {
             etcd,
             advertise_addr: addr.to_string(),
             drain_timeout: Duration::from_secs(10),
+            step_watchdog,
+            tls,
             ..ServeOptions::default()
         };
         let served = runtime.spawn(dimple_worker::serve(
@@ -118,6 +186,15 @@ impl WorkerProc {
             stop: Some(stop),
             served: Some(served),
         }
+    }
+
+    /// Waits (at most `within`) for the server to end by itself, and returns how it ended.
+    pub async fn ended(&mut self, within: Duration) -> Result<(), dimple_worker::WorkerError> {
+        let h = self.served.take().expect("the server is running");
+        tokio::time::timeout(within, h)
+            .await
+            .expect("the worker server ends in time")
+            .expect("the server task completes")
     }
 
     /// Dies like a killed process: every task and connection of the worker goes at once,
@@ -268,6 +345,25 @@ pub async fn cluster(n: usize, cfg: EngineConfig) -> (RouterProc, Vec<WorkerProc
     let addrs = workers.iter().map(|w| w.addr.to_string()).collect();
     let router = RouterProc::start(router_config(Discovery::Static(addrs))).await;
     (router, workers)
+}
+
+/// The gRPC health status (as its number) of `service` on `addr` (`""`: the process).
+pub async fn health(addr: SocketAddr, service: &str) -> i32 {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(channel);
+    h.check(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
 }
 
 /// `GET /metrics` over plain HTTP/1.1.
@@ -490,4 +586,116 @@ pub fn small_request(max_new_tokens: u32) -> v1::GenerateRequest {
     p.max_new_tokens = Some(max_new_tokens);
     p.steps = Some(max_new_tokens);
     r
+}
+
+/// Certificates made for one test with the `openssl` command line: two CAs, and leaf
+/// certificates (for 127.0.0.1 and localhost, server and client use) signed by either.
+pub struct TestPki {
+    pub dir: std::path::PathBuf,
+}
+
+impl TestPki {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "dimple-pki-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("leaf.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn openssl(&self, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .unwrap_or_else(|e| panic!("these tests need the `openssl` command: {e}"));
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn ca(&self, name: &str) {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+        ]);
+    }
+
+    /// A leaf certificate `name` signed by `ca`, as this component's TLS settings (trusting
+    /// `trust`).
+    pub fn leaf(&self, name: &str, ca: &str, trust: &str) -> dimple_proto::tls::InternalTls {
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+            "-out",
+            &format!("{name}.crt"),
+        ]);
+        let read = |f: String| std::fs::read(self.dir.join(f)).unwrap();
+        dimple_proto::tls::InternalTls {
+            cert_pem: read(format!("{name}.crt")),
+            key_pem: read(format!("{name}.key")),
+            ca_pem: read(format!("{trust}.crt")),
+        }
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
