@@ -3,6 +3,12 @@
 //! needs TLS (or mutual TLS).
 
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::server::HealthReporter;
 
 /// Listeners of one server, already bound.
 #[derive(Debug)]
@@ -16,4 +22,33 @@ impl From<TcpListener> for Listeners {
     fn from(grpc: TcpListener) -> Self {
         Self { grpc, health: None }
     }
+}
+
+/// Keeps a server's plaintext health listener serving; dropping it stops that listener.
+pub struct ProbeGuard {
+    _stop: oneshot::Sender<()>,
+}
+
+/// A server's `grpc.health.v1`: the reporter, the service for its main port with
+/// `readiness_name` starting NOT_SERVING, and, when `listener` is given, the same service
+/// on that plaintext port until the returned guard is dropped (so probes keep answering
+/// through a drain).
+pub async fn health_services(
+    readiness_name: &str,
+    listener: Option<TcpListener>,
+) -> (HealthReporter, HealthServer<impl Health>, ProbeGuard) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(readiness_name, ServingStatus::NotServing)
+        .await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    if let Some(l) = listener {
+        let probes = Server::builder()
+            .add_service(service.clone())
+            .serve_with_incoming_shutdown(TcpIncoming::from(l), async {
+                let _ = stopped.await;
+            });
+        tokio::spawn(probes);
+    }
+    (reporter, service, ProbeGuard { _stop: stop })
 }

@@ -15,7 +15,6 @@ use tokio::sync::{Notify, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -229,20 +228,9 @@ pub async fn serve(
     ));
     tokio::spawn(pool.clone().run_poller(cfg.poll_interval, stop_rx));
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    // Lives until `serve` returns: probes keep working through the drain.
-    let (_health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(l) = health_listener {
-        let probes = Server::builder()
-            .add_service(health_service.clone())
-            .serve_with_incoming_shutdown(TcpIncoming::from(l), async {
-                let _ = health_stopped.await;
-            });
-        tokio::spawn(probes);
-    }
+    // The guard lives until `serve` returns: probes keep working through the drain.
+    let (health, health_service, _probes) =
+        dimple_proto::listeners::health_services(SERVICE_NAME, health_listener).await;
     let (draining_tx, draining) = watch::channel(false);
     tokio::spawn(publish_readiness(
         pool.clone(),

@@ -24,7 +24,6 @@ use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::service::WorkerService;
@@ -95,20 +94,9 @@ pub async fn serve(
     } else {
         opts.advertise_addr.clone()
     };
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    // Lives until `serve` returns: probes keep working through the drain.
-    let (_health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
-    if let Some(l) = health_listener {
-        let probes = Server::builder()
-            .add_service(health_service.clone())
-            .serve_with_incoming_shutdown(TcpIncoming::from(l), async {
-                let _ = health_stopped.await;
-            });
-        tokio::spawn(probes);
-    }
+    // The guard lives until `serve` returns: probes keep working through the drain.
+    let (health, health_service, _probes) =
+        dimple_proto::listeners::health_services(SERVICE_NAME, health_listener).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dimple_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
