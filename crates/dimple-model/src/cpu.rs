@@ -182,17 +182,46 @@ fn gemm_into(
     // SAFETY: the asserts here and in the callers keep every element the views address
     // inside their slices; `out` is borrowed mutably and does not alias the operands.
     unsafe {
+        gemm_raw(
+            (x.as_ptr(), xm.stride),
+            rhs,
+            rhs_strides,
+            (out.as_mut_ptr(), out_stride),
+            (m, n, k),
+            accumulate,
+            parallelism,
+        );
+    }
+}
+
+/// The one call into `gemm`: `out[m, n] (+)= x[m, k] * rhs[k, n]`, `x` and `out` row-major
+/// at their row strides, `rhs` element (kk, j) at `kk * rhs_strides.0 + j * rhs_strides.1`.
+///
+/// # Safety
+/// Every element those views address must lie inside live allocations, and the `out`
+/// region must not be read or written by anything else during the call.
+unsafe fn gemm_raw(
+    (x, x_stride): (*const f32, usize),
+    rhs: *const f32,
+    rhs_strides: (isize, isize),
+    (out, out_stride): (*mut f32, usize),
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out,
             1,
             out_stride as isize,
             accumulate,
-            x.as_ptr(),
+            x,
             1,
-            xm.stride as isize,
+            x_stride as isize,
             rhs,
             rhs_strides.1,
             rhs_strides.0,
@@ -233,25 +262,13 @@ fn matmul_nn(
     // SAFETY: the views stay inside `p` and `v` (asserted); the caller guarantees `out`
     // addresses `m` rows of `n` values `out_stride` apart that nothing else touches.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out,
-            1,
-            out_stride as isize,
-            accumulate,
-            p.as_ptr(),
-            1,
-            pm.stride as isize,
+        gemm_raw(
+            (p.as_ptr(), pm.stride),
             v.as_ptr(),
-            1,
-            v_stride as isize,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
+            (v_stride as isize, 1),
+            (out, out_stride),
+            (m, n, k),
+            accumulate,
             Parallelism::None,
         );
     }
