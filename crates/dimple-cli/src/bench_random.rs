@@ -422,8 +422,17 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
         "| mode | concurrency | forward passes | mean step ms | request p50 s | request max s | slots/s | useful GFLOP/s | of matmul best | MFU |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    // Forward passes before the last clear of the step log (all logged by then).
-    let mut logged_before = 0u64;
+    // A step's report is logged just after its requests hear that they finished: wait
+    // until the log holds every pass since it was last cleared, so no level sees
+    // another's steps.
+    let mut cleared_at = 0u64;
+    let settle = |since: u64| {
+        let want = engine.stats().forward_passes - since;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while log.lock().map_or(0, |l| l.len() as u64) < want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
     for &mode in &modes {
         for (k, &c) in a.concurrency.iter().enumerate() {
             let mut agg = Level {
@@ -432,19 +441,11 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
                 slots: 0,
                 useful_flops: 0.0,
             };
-            // A step's report is logged just after its requests hear that they finished:
-            // wait for the engine's pass count so no level sees another's steps.
-            let settle = |want: u64| {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while log.lock().map_or(0, |l| l.len() as u64) < want && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            };
-            settle(engine.stats().forward_passes.saturating_sub(logged_before));
+            settle(cleared_at);
             if let Ok(mut l) = log.lock() {
                 l.clear();
             }
-            let passes_before = engine.stats().forward_passes;
+            cleared_at = engine.stats().forward_passes;
             for round in 0..a.rounds.max(1) {
                 let lv = run_level(c, 1_000 * (k as u64 + 1) + 97 * round as u64, mode)?;
                 agg.wall += lv.wall;
@@ -452,8 +453,7 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
                 agg.slots += lv.slots;
                 agg.useful_flops += lv.useful_flops;
             }
-            settle(engine.stats().forward_passes - passes_before);
-            logged_before = engine.stats().forward_passes;
+            settle(cleared_at);
             let steps: Vec<f64> = log
                 .lock()
                 .map(|l| l.iter().map(|r| r.seconds).collect())
