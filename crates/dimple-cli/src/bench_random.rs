@@ -112,9 +112,13 @@ fn narrow_shape(layers: usize, inter: usize, vocab: usize) -> String {
 
 /// Matmul FLOPs of the model's work, from its shape.
 struct FlopModel {
-    /// Per token, all layers' linear projections.
-    linear_per_token: f64,
-    /// Per (query, key) pair, all layers: QK^T and PV over every query head.
+    layers: f64,
+    /// Per token, one layer's linear projections.
+    layer_per_token: f64,
+    /// Per token, one layer's key and value projections: all the last layer needs of a row
+    /// that is not scored.
+    kv_per_token: f64,
+    /// Per (query, key) pair, one layer: QK^T and PV over every query head.
     attn_per_pair: f64,
     /// Per scored row.
     lm_head_per_row: f64,
@@ -124,21 +128,26 @@ impl FlopModel {
     fn new(c: &DimpleConfig) -> Self {
         let (h, hd) = (c.hidden_size as f64, c.head_dim() as f64);
         let (nh, nkv) = (c.num_attention_heads as f64, c.num_kv_heads() as f64);
-        let layers = c.num_hidden_layers as f64;
-        let per_layer =
-            h * nh * hd * 2.0 + h * nkv * hd * 2.0 + 3.0 * h * c.intermediate_size as f64;
+        let kv = h * nkv * hd * 2.0;
+        let per_layer = h * nh * hd * 2.0 + kv + 3.0 * h * c.intermediate_size as f64;
         Self {
-            linear_per_token: 2.0 * per_layer * layers,
-            attn_per_pair: 2.0 * 2.0 * nh * hd * layers,
+            layers: c.num_hidden_layers as f64,
+            layer_per_token: 2.0 * per_layer,
+            kv_per_token: 2.0 * kv,
+            attn_per_pair: 2.0 * 2.0 * nh * hd,
             lm_head_per_row: 2.0 * h * c.vocab_size as f64,
         }
     }
 
-    /// One step of one request: `queries` tokens run against `keys` keys, `scored` rows.
+    /// One step of one request: `queries` tokens run against `keys` keys, `scored` rows. Of
+    /// the last layer, a row that is not scored needs only its keys and values.
     fn step(&self, queries: usize, keys: usize, scored: usize) -> f64 {
-        queries as f64 * self.linear_per_token
-            + (queries * keys) as f64 * self.attn_per_pair
-            + scored as f64 * self.lm_head_per_row
+        let (q, s, k) = (queries as f64, scored as f64, keys as f64);
+        let rows = (self.layers - 1.0) * q;
+        (rows + s) * self.layer_per_token
+            + (q - s) * self.kv_per_token
+            + (rows + s) * k * self.attn_per_pair
+            + s * self.lm_head_per_row
     }
 
     /// A whole request (one block) from its per-step committed counts.
@@ -496,8 +505,19 @@ mod tests {
         let f = FlopModel::new(&c);
         // Per layer: q and o 512x512, k and v 512x128, three MLP projections 512x1536.
         let per_layer = 2.0 * 512.0 * 512.0 + 2.0 * 512.0 * 128.0 + 3.0 * 512.0 * 1536.0;
-        assert_eq!(f.linear_per_token, 2.0 * 8.0 * per_layer);
+        assert_eq!(f.layer_per_token, 2.0 * per_layer);
+        assert_eq!(f.kv_per_token, 2.0 * 2.0 * 512.0 * 128.0);
         assert_eq!(f.lm_head_per_row, 2.0 * 512.0 * 32768.0);
+        // Every row runs 7 whole layers, plus keys and values in the last; scored rows
+        // run the whole last layer and the lm_head.
+        let attn = 2.0 * 2.0 * 8.0 * 64.0;
+        assert_eq!(
+            f.step(10, 20, 3),
+            (7.0 * 10.0 + 3.0) * 2.0 * per_layer
+                + 7.0 * 2.0 * 2.0 * 512.0 * 128.0
+                + (7.0 * 10.0 + 3.0) * 20.0 * attn
+                + 3.0 * 2.0 * 512.0 * 32768.0
+        );
         // Exact mode runs prompt + response every step; cached mode only the window after
         // the first step. Scored rows shrink as slots commit.
         let exact = f.request(64, 64, false, &[32, 32]);

@@ -545,3 +545,247 @@ pub(crate) fn attention(
     });
     Ok(())
 }
+
+/// Columns per panel of a [`PanelMatrix`].
+const PANEL: usize = 64;
+/// Rows of `x` per register tile of the panel kernel.
+const TILE_ROWS: usize = 6;
+/// Panels per parallel task.
+const PANELS_PER_TASK: usize = 4;
+
+/// A `[k, n]` weight stored as column panels `[n / 64][k][64]` (the last panel padded with
+/// zeros), for products with few rows against a wide matrix (the `lm_head`).
+///
+/// `gemm` repacks its right operand at every call; with a handful of rows and a 32768-wide
+/// vocabulary that repacking, and the page-strided reads it does, cost more than the
+/// arithmetic. Here the panels are laid out once, at load, and each is streamed once per
+/// product. Each output element is one fused multiply-add chain over `k` in order, started
+/// from zero: the same value `gemm` gives while `k` fits in one of its depth blocks (at
+/// least 512), and the same value whatever rows share the product.
+pub(crate) struct PanelMatrix {
+    data: Vec<f32>,
+    k: usize,
+    n: usize,
+}
+
+impl PanelMatrix {
+    /// Packs `w` (`[k, n]` row-major); `None` when the processor lacks AVX-512 (the plain
+    /// `gemm` product is used there).
+    pub fn pack(w: &[f32], k: usize, n: usize) -> Option<Self> {
+        if !Self::supported() || w.len() != k * n || k == 0 || n == 0 {
+            return None;
+        }
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0f32; panels * k * PANEL];
+        data.par_chunks_mut(k * PANEL)
+            .enumerate()
+            .for_each(|(p, dst)| {
+                let c0 = p * PANEL;
+                let width = PANEL.min(n - c0);
+                for (kk, row) in dst.chunks_exact_mut(PANEL).enumerate() {
+                    row[..width].copy_from_slice(&w[kk * n + c0..kk * n + c0 + width]);
+                }
+            });
+        Some(Self { data, k, n })
+    }
+
+    fn supported() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// `out[m, n] = x[m, k] * w` (`x` and `out` row-major and contiguous).
+    ///
+    /// Panics (a bug, not an input error) when the slices do not hold `m` rows.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (k, n) = (self.k, self.n);
+        assert!(
+            x.len() >= m * k && out.len() >= m * n,
+            "rows outside the data"
+        );
+        if m == 0 {
+            return;
+        }
+        let panels = n.div_ceil(PANEL);
+        let dst = SendPtr(out.as_mut_ptr());
+        (0..panels.div_ceil(PANELS_PER_TASK))
+            .into_par_iter()
+            .for_each(|t| {
+                for p in t * PANELS_PER_TASK..((t + 1) * PANELS_PER_TASK).min(panels) {
+                    let c0 = p * PANEL;
+                    let width = PANEL.min(n - c0);
+                    let panel = &self.data[p * k * PANEL..(p + 1) * k * PANEL];
+                    // SAFETY: `pack` only builds a matrix on a processor with AVX-512; the
+                    // task writes columns `c0 ..+ width` of the `m` rows of `out` (disjoint
+                    // from every other task, inside `out` as asserted above), and reads
+                    // `m` rows of `k` values of `x` and one whole panel.
+                    unsafe { panel_product(x, m, k, panel, dst.get().add(c0), n, width) };
+                }
+            });
+    }
+}
+
+/// One panel's columns of the product, tile by tile of [`TILE_ROWS`] rows.
+///
+/// # Safety
+/// AVX-512F must be available; `out` must address `m` rows `out_stride` apart of `width`
+/// writable values; `x` holds `m` rows of `k`; `panel` holds `k` rows of [`PANEL`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn panel_product(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    panel: &[f32],
+    out: *mut f32,
+    out_stride: usize,
+    width: usize,
+) {
+    let mut i = 0;
+    while i < m {
+        let rows = TILE_ROWS.min(m - i);
+        let (xs, o) = (&x[i * k..(i + rows) * k], unsafe {
+            out.add(i * out_stride)
+        });
+        // SAFETY: forwarded from this function's contract, for rows `i ..+ rows`.
+        unsafe {
+            match rows {
+                6 => panel_tile::<6>(xs, k, panel, o, out_stride, width),
+                5 => panel_tile::<5>(xs, k, panel, o, out_stride, width),
+                4 => panel_tile::<4>(xs, k, panel, o, out_stride, width),
+                3 => panel_tile::<3>(xs, k, panel, o, out_stride, width),
+                2 => panel_tile::<2>(xs, k, panel, o, out_stride, width),
+                _ => panel_tile::<1>(xs, k, panel, o, out_stride, width),
+            }
+        }
+        i += rows;
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn panel_product(_: &[f32], _: usize, _: usize, _: &[f32], _: *mut f32, _: usize, _: usize) {
+    unreachable!("panel matrices are only packed on x86-64 with AVX-512");
+}
+
+/// `R` rows times one panel: 4 x 16 accumulators per row, one chain over `k` each.
+///
+/// # Safety
+/// As [`panel_product`], for `R` rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn panel_tile<const R: usize>(
+    x: &[f32],
+    k: usize,
+    panel: &[f32],
+    out: *mut f32,
+    out_stride: usize,
+    width: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(x.len() >= R * k && panel.len() >= k * PANEL);
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let (xp, pp) = (x.as_ptr(), panel.as_ptr());
+    for kk in 0..k {
+        // SAFETY: `kk < k`: inside the panel's `k` rows of 64 and each row of `x`.
+        unsafe {
+            let b = pp.add(kk * PANEL);
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            let b2 = _mm512_loadu_ps(b.add(32));
+            let b3 = _mm512_loadu_ps(b.add(48));
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*xp.add(r * k + kk));
+                a[0] = _mm512_fmadd_ps(xv, b0, a[0]);
+                a[1] = _mm512_fmadd_ps(xv, b1, a[1]);
+                a[2] = _mm512_fmadd_ps(xv, b2, a[2]);
+                a[3] = _mm512_fmadd_ps(xv, b3, a[3]);
+            }
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        for (v, lanes) in a.iter().enumerate() {
+            let c0 = v * 16;
+            if c0 >= width {
+                break;
+            }
+            let left = width - c0;
+            let mask: __mmask16 = if left >= 16 {
+                0xffff
+            } else {
+                (1u16 << left) - 1
+            };
+            // SAFETY: columns `c0 ..+ min(16, left)` of row `r` are inside `out`.
+            unsafe { _mm512_mask_storeu_ps(out.add(r * out_stride + c0), mask, *lanes) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0 - 1.0)
+            .collect()
+    }
+
+    /// The panel product equals `gemm`'s bit for bit (one depth block: `k` <= 512) for
+    /// every row count, and each row is the same whichever rows share the product.
+    #[test]
+    fn panel_product_equals_gemm_for_every_row_count() {
+        let (k, n) = (512, 1000);
+        let w = values(k * n, 1);
+        let Some(p) = PanelMatrix::pack(&w, k, n) else {
+            assert!(
+                !PanelMatrix::supported(),
+                "packing refused on a processor with AVX-512"
+            );
+            return;
+        };
+        let x = values(40 * k, 2);
+        let mut alone = vec![0f32; n];
+        p.matmul(&x[7 * k..8 * k], 1, &mut alone);
+        for m in [1, 5, 6, 7, 13, 33, 40] {
+            let mut ours = vec![0f32; m * n];
+            p.matmul(&x[..m * k], m, &mut ours);
+            let mut reference = vec![0f32; m * n];
+            matmul(
+                &x[..m * k],
+                Mat {
+                    rows: m,
+                    cols: k,
+                    stride: k,
+                },
+                &w,
+                Mat {
+                    rows: k,
+                    cols: n,
+                    stride: n,
+                },
+                &mut reference,
+                n,
+                false,
+                true,
+            );
+            let differ = ours
+                .iter()
+                .zip(&reference)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{m} rows: {differ} values differ from gemm");
+            if m > 7 {
+                assert_eq!(
+                    &ours[7 * n..8 * n],
+                    &alone[..],
+                    "row 7 depends on its batch"
+                );
+            }
+        }
+    }
+}

@@ -299,6 +299,9 @@ pub struct TextModel {
     norm: RmsNorm,
     /// The rows of the rank's vocabulary slice.
     lm_head: ColumnParallelLinear,
+    /// The `lm_head` weight as column panels, for the f32 host step (where the processor
+    /// has the kernel for it).
+    lm_panels: Option<cpu::PanelMatrix>,
     rope: Rope,
     cfg: DimpleConfig,
     layout: TpLayout,
@@ -387,11 +390,20 @@ impl TextModel {
         } else {
             ColumnParallelLinear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false, vocab)?
         };
+        let lm_panels = if vb.device().is_cpu() && vb.dtype() == DType::F32 {
+            let w = lm_head.linear().weight_t();
+            let (k, n) = w.dims2()?;
+            let host = HostTensors::new(&[w])?;
+            cpu::PanelMatrix::pack(host.slice(0)?, k, n)
+        } else {
+            None
+        };
         Ok(Self {
             embed,
             layers,
             norm,
             lm_head,
+            lm_panels,
             rope: Rope::new(cfg),
             cfg: cfg.clone(),
             layout,
@@ -665,12 +677,22 @@ impl TextModel {
         }
         let mut caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
         let mut suffix_caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
+        // Only the rows that are scored reach the `lm_head`; after the last layer's keys
+        // and values, only they are carried on (unless every row's state is traced).
+        let picked: Vec<usize> = seqs
+            .iter()
+            .zip(&rows)
+            .flat_map(|(s, &base)| s.logit_rows.rows().into_iter().map(move |r| base + r))
+            .collect();
+        let prune = trace.is_none();
         let plain = |rows: usize, cols: usize| Mat {
             rows,
             cols,
             stride: cols,
         };
+        let mut cur = total;
         for (li, layer) in self.layers.iter().enumerate() {
+            let narrow = prune && li + 1 == self.layers.len();
             let a = &layer.attn;
             let m = &layer.mlp;
             let mut tensors = vec![
@@ -750,43 +772,64 @@ impl TextModel {
             }
             cpu::attention(&qkv, lay, &keys, &mut att)?;
             drop(keys);
+            if narrow {
+                // The last layer's remaining work only for the scored rows, in their order:
+                // every other row's output would be thrown away. (Attention above still ran
+                // for every row: its kernels' rounding depends on how many query rows share
+                // a block, and a row's value must not depend on which rows are scored.)
+                cur = picked.len();
+                let gather = |src: &[f32], w: usize| -> Vec<f32> {
+                    picked
+                        .iter()
+                        .flat_map(|&r| src[r * w..(r + 1) * w].iter().copied())
+                        .collect()
+                };
+                xs = gather(&xs, h);
+                let picked_att = gather(&att, ow);
+                att[..cur * ow].copy_from_slice(&picked_att);
+            }
             cpu::matmul(
-                &att,
-                plain(total, ow),
+                &att[..cur * ow],
+                plain(cur, ow),
                 host.slice(3)?,
                 plain(ow, h),
-                &mut proj,
+                &mut proj[..cur * h],
                 h,
                 false,
                 true,
             );
-            self.reduce_rows(&a.o, &mut proj, total)?;
+            self.reduce_rows(&a.o, &mut proj[..cur * h], cur)?;
             for (x, p) in xs.iter_mut().zip(&proj) {
                 *x += p;
             }
-            rms_norm(&xs, host.slice(2)?, layer.post_norm.eps(), &mut normed);
+            rms_norm(
+                &xs,
+                host.slice(2)?,
+                layer.post_norm.eps(),
+                &mut normed[..cur * h],
+            );
             cpu::matmul(
-                &normed,
-                plain(total, h),
+                &normed[..cur * h],
+                plain(cur, h),
                 host.slice(4)?,
                 plain(h, 2 * inter),
-                &mut gu,
+                &mut gu[..cur * 2 * inter],
                 2 * inter,
                 false,
                 true,
             );
-            silu_mul(&gu, inter, &mut act);
+            silu_mul(&gu[..cur * 2 * inter], inter, &mut act[..cur * inter]);
             cpu::matmul(
-                &act,
-                plain(total, inter),
+                &act[..cur * inter],
+                plain(cur, inter),
                 host.slice(5)?,
                 plain(inter, h),
-                &mut proj,
+                &mut proj[..cur * h],
                 h,
                 false,
                 true,
             );
-            self.reduce_rows(&m.down, &mut proj, total)?;
+            self.reduce_rows(&m.down, &mut proj[..cur * h], cur)?;
             for (x, p) in xs.iter_mut().zip(&proj) {
                 *x += p;
             }
@@ -797,20 +840,19 @@ impl TextModel {
             }
         }
         let norm = HostTensors::new(&[self.norm.weight()])?;
-        rms_norm(&xs, norm.slice(0)?, self.norm.eps(), &mut normed);
+        rms_norm(&xs, norm.slice(0)?, self.norm.eps(), &mut normed[..cur * h]);
         if let Some(t) = trace.as_deref_mut() {
             t.push(host_trace(&normed)?);
         }
-        // Only the rows that are scored reach the `lm_head`.
-        let picked: Vec<usize> = seqs
-            .iter()
-            .zip(&rows)
-            .flat_map(|(s, &base)| s.logit_rows.rows().into_iter().map(move |r| base + r))
-            .collect();
-        let mut lm_in = vec![0f32; picked.len() * h];
-        for (dst, &r) in lm_in.chunks_exact_mut(h).zip(&picked) {
-            dst.copy_from_slice(&normed[r * h..(r + 1) * h]);
-        }
+        let lm_in: Vec<f32> = if cur == picked.len() && prune {
+            normed.truncate(cur * h);
+            normed
+        } else {
+            picked
+                .iter()
+                .flat_map(|&r| normed[r * h..(r + 1) * h].iter().copied())
+                .collect()
+        };
         let lm = self.lm_head.linear();
         let mut tensors = vec![lm.weight_t()];
         if let Some(b) = lm.bias() {
@@ -819,16 +861,19 @@ impl TextModel {
         let host = HostTensors::new(&tensors)?;
         let vocab = lm.weight_t().dims()[1];
         let mut logits = vec![0f32; picked.len() * vocab];
-        cpu::matmul(
-            &lm_in,
-            plain(picked.len(), h),
-            host.slice(0)?,
-            plain(h, vocab),
-            &mut logits,
-            vocab,
-            false,
-            true,
-        );
+        match &self.lm_panels {
+            Some(p) => p.matmul(&lm_in, picked.len(), &mut logits),
+            None => cpu::matmul(
+                &lm_in,
+                plain(picked.len(), h),
+                host.slice(0)?,
+                plain(h, vocab),
+                &mut logits,
+                vocab,
+                false,
+                true,
+            ),
+        }
         if tensors.len() > 1 {
             add_bias(&mut logits, host.slice(1)?);
         }

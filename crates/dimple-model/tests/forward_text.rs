@@ -159,3 +159,84 @@ fn cached_prefix_window_equals_full_sequence() {
         &reference,
     );
 }
+
+/// Scoring only some rows (in any order) gives exactly those rows of the all-rows logits,
+/// for a padded batch: the last layer then runs attention and the MLP only for the scored
+/// rows, and no row's value may change for it.
+#[test]
+fn scored_rows_equal_the_same_rows_of_a_full_pass() {
+    let t = load_case("forward_text_batch");
+    let cfg = config();
+    let model = text_model();
+    let (b, l) = t["input_ids"].dims2().unwrap();
+    let ids_all = to_i64(&t["input_ids"]);
+    let mask_all = to_i64(&t["attention_mask"]);
+    let mut inputs = Vec::new();
+    for row in 0..b {
+        let ids: Vec<u32> = ids_all[row * l..(row + 1) * l]
+            .iter()
+            .map(|&x| x as u32)
+            .collect();
+        let valid: Vec<bool> = mask_all[row * l..(row + 1) * l]
+            .iter()
+            .map(|&m| m != 0)
+            .collect();
+        let ri = rope_index(&ids, Some(&valid), &[], &cfg).unwrap();
+        inputs.push((model.embed_tokens(&ids).unwrap(), ri.positions, valid));
+    }
+    let picks: Vec<Vec<usize>> = (0..b)
+        .map(|row| match row % 3 {
+            0 => vec![l - 1, 2, l / 2, 0],
+            1 => Vec::new(),
+            _ => vec![l / 3],
+        })
+        .collect();
+    let seqs = |rows: &dyn Fn(usize) -> dimple_model::LogitRows| -> Vec<SeqInput<'_>> {
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(n, (e, p, v))| SeqInput {
+                embeds: e.clone(),
+                positions: p,
+                key_valid: Some(v),
+                prefix: None,
+                keep_prefix: 0,
+                suffix: None,
+                keep_suffix: 0,
+                logit_rows: rows(n),
+            })
+            .collect()
+    };
+    let full = model.forward(&seqs(&|_| (0..l).into()), None).unwrap();
+    let some = model
+        .forward(
+            &seqs(&|n| dimple_model::LogitRows::List(picks[n].clone())),
+            None,
+        )
+        .unwrap();
+    let mut trace = Vec::new();
+    let traced = model
+        .forward(
+            &seqs(&|n| dimple_model::LogitRows::List(picks[n].clone())),
+            Some(&mut trace),
+        )
+        .unwrap();
+    for row in 0..b {
+        assert_eq!(some[row].logits.dims(), &[picks[row].len(), cfg.vocab_size]);
+        let all = to_f32(&full[row].logits);
+        let want: Vec<f32> = picks[row]
+            .iter()
+            .flat_map(|&r| all[r * cfg.vocab_size..(r + 1) * cfg.vocab_size].to_vec())
+            .collect();
+        assert_eq!(
+            to_f32(&some[row].logits),
+            want,
+            "row {row}: scored rows differ"
+        );
+        assert_eq!(
+            to_f32(&traced[row].logits),
+            want,
+            "row {row}: traced pass differs"
+        );
+    }
+}
