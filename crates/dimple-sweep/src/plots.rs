@@ -476,6 +476,7 @@ enum Field {
     Threshold,
     Cache,
     Length,
+    Block,
     Steps,
     Load,
 }
@@ -489,8 +490,9 @@ fn field(s: &Summary, f: Field) -> String {
             "thr {}",
             c.threshold.map_or("none".into(), |t| t.to_string())
         ),
-        Field::Cache => format!("cache {}", if c.use_cache { "on" } else { "off" }),
+        Field::Cache => format!("cache {}", c.cache_mode),
         Field::Length => format!("n {}", c.max_new_tokens),
+        Field::Block => format!("block {}", c.slots_per_block()),
         Field::Steps => format!("steps {}", c.steps),
         Field::Load => match c.load {
             Load::Concurrency(n) => format!("c {n}"),
@@ -499,12 +501,13 @@ fn field(s: &Summary, f: Field) -> String {
     }
 }
 
-const FIELDS: [Field; 7] = [
+const FIELDS: [Field; 8] = [
     Field::Pipeline,
     Field::Alg,
     Field::Threshold,
     Field::Cache,
     Field::Length,
+    Field::Block,
     Field::Steps,
     Field::Load,
 ];
@@ -747,5 +750,31 @@ mod tests {
         assert_eq!("PNG".parse::<PlotFormat>().unwrap(), PlotFormat::Png);
         assert_eq!("svg".parse::<PlotFormat>().unwrap(), PlotFormat::Svg);
         assert!("gif".parse::<PlotFormat>().is_err());
+    }
+
+    #[test]
+    fn series_names_tell_cache_modes_and_block_lengths_apart() {
+        let summaries: Vec<Summary> = crate::Grid {
+            cache_mode: vec!["exact".into(), "dual".into()],
+            block_length: vec![None, Some(4)],
+            threshold: vec![0.0, 0.9],
+            ..crate::Grid::default()
+        }
+        .configs(16)
+        .unwrap()
+        .iter()
+        .map(|c| Summary::from_records(c, &[], 1.0, None))
+        .collect();
+        let name = namer(&summaries, &[Field::Threshold, Field::Load]);
+        let names: BTreeSet<String> = summaries.iter().map(&name).collect();
+        let expected: BTreeSet<String> = [
+            "cache exact, block 16",
+            "cache exact, block 4",
+            "cache dual, block 16",
+            "cache dual, block 4",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(names, expected);
     }
 }
