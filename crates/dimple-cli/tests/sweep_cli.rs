@@ -1,8 +1,9 @@
 //! `dimple sweep` and `dimple bench` end to end, in-process and against a `dimple serve`
 //! child process over gRPC: outputs and their measures checked against the official
-//! outputs of the demo model, failed configurations (a server killed mid-run), resumption
-//! and its refusal, default folders, the built-in dataset from a copied binary, checkpoint
-//! generation configs, and a closed stdout.
+//! outputs of the demo model, the cache mode and block length as grid dimensions,
+//! failed configurations (a server killed mid-run), resumption and its refusal, default
+//! folders, the built-in dataset from a copied binary, checkpoint generation configs, and a
+//! closed stdout.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
