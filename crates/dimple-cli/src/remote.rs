@@ -128,7 +128,8 @@ pub(crate) async fn connect(
 
 /// Where a generation's stream messages come from.
 pub enum Events {
-    Remote(tonic::Streaming<v1::GenerateStreamResponse>),
+    /// Boxed: the gRPC stream is several times the size of the channel receiver.
+    Remote(Box<tonic::Streaming<v1::GenerateStreamResponse>>),
     Local(mpsc::Receiver<Result<FrontEvent, RouterError>>),
 }
 
@@ -172,7 +173,7 @@ pub fn run(args: &GenerateArgs, url: &str) -> anyhow::Result<()> {
             .await
             .map_err(status_error)?
             .into_inner();
-        print(args, Events::Remote(stream), Some(url)).await
+        print(args, Events::Remote(Box::new(stream)), Some(url)).await
     })
 }
 

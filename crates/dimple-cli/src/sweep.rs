@@ -14,7 +14,7 @@ use dimple_router::RouterError;
 use dimple_router::error::code_name;
 use dimple_router::frontend::{FrontEvent, Frontend};
 use dimple_sweep::dataset::{SyntheticSpec, content_hash};
-use dimple_sweep::grid::parse_threshold;
+use dimple_sweep::grid::{parse_block_length, parse_threshold};
 use dimple_sweep::meta::{self, DatasetInfo, Metadata, ModelInfo, PartsHash, TargetInfo};
 use dimple_sweep::plots::PlotFormat;
 use dimple_sweep::report::{OutputDir, Saved};
@@ -94,8 +94,9 @@ pub struct WorkloadArgs {
 pub struct SweepArgs {
     #[command(flatten)]
     pub workload: WorkloadArgs,
-    /// Grid as a TOML file (keys: threshold, alg, pipeline, use_cache, max_new_tokens,
-    /// steps, concurrency, rate, seed); the flags below add to it.
+    /// Grid as a TOML file (keys: threshold, alg, pipeline, cache_mode, max_new_tokens,
+    /// block_length, steps, concurrency, rate, seed; use_cache as the older spelling of
+    /// cache_mode); the flags below add to it.
     #[arg(long, env = "DIMPLE_GRID")]
     pub grid: Option<PathBuf>,
     /// Confidence thresholds, comma-separated; `none` (or 0) decodes without one.
@@ -110,14 +111,25 @@ pub struct SweepArgs {
     /// point, thresholds do not apply).
     #[arg(long, value_delimiter = ',')]
     pub pipeline: Vec<String>,
-    /// Prefilling off/on, e.g. `false,true` (default: false).
+    /// Cache modes: exact (recompute the whole sequence every step; default), prefix
+    /// (the prompt's keys/values computed once, at step 0) or dual (the keys/values outside
+    /// the current block, refreshed at each block start).
+    #[arg(long, value_delimiter = ',')]
+    pub cache_mode: Vec<String>,
+    /// The older spelling of `--cache-mode`: false is exact, true is prefix. Not together
+    /// with `--cache-mode` (nor with `cache_mode` in the grid file).
     #[arg(long, value_delimiter = ',')]
     pub cache: Vec<bool>,
     /// Response lengths in slots. Default: the model's generation config (16 for the
     /// built-in model; the server's default with `--router`).
     #[arg(long, value_delimiter = ',')]
     pub max_new_tokens: Vec<usize>,
-    /// Forward passes at most per request. Default: the response length.
+    /// Block-wise decoding: slots per block, e.g. `whole,8,4`; `whole` (default) decodes
+    /// the whole response as one block, and so does a block as long as the response.
+    #[arg(long, value_delimiter = ',', value_parser = parse_block_length)]
+    pub block_length: Vec<Option<usize>>,
+    /// Forward passes at most per request, shared among the blocks. Default: the
+    /// response length.
     #[arg(long, value_delimiter = ',')]
     pub steps: Vec<usize>,
     /// Closed-loop concurrency levels: requests kept in flight (default 1 when no
@@ -139,7 +151,7 @@ pub struct BenchArgs {
     /// Confidence threshold (`none` or 0: none).
     #[arg(long, value_parser = parse_threshold)]
     pub threshold: Option<f32>,
-    /// Prefilling: compute the prompt's keys and values once.
+    /// Prefilling (cache mode `prefix`): compute the prompt's keys and values once.
     #[arg(long)]
     pub cache: bool,
 }
@@ -759,8 +771,10 @@ pub fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
     grid.threshold.extend(&a.threshold);
     grid.alg.extend(a.alg.iter().cloned());
     grid.pipeline.extend(a.pipeline.iter().cloned());
+    grid.cache_mode.extend(a.cache_mode.iter().cloned());
     grid.use_cache.extend(&a.cache);
     grid.max_new_tokens.extend(&a.max_new_tokens);
+    grid.block_length.extend(&a.block_length);
     grid.steps.extend(&a.steps);
     grid.concurrency.extend(&a.concurrency);
     grid.rate.extend(&a.rate);
@@ -781,7 +795,7 @@ pub fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
 pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     let grid = Grid {
         threshold: vec![a.threshold.unwrap_or(0.0)],
-        use_cache: vec![a.cache],
+        cache_mode: vec![if a.cache { "prefix" } else { "exact" }.into()],
         concurrency: a.concurrency.clone(),
         seed: a.workload.seed,
         ..Grid::default()

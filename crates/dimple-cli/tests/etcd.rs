@@ -423,10 +423,10 @@ async fn registration_and_discovery_through_etcd_with_tls_and_a_password() {
     // Turn authentication on (the first admin has the root role).
     let t = Instant::now();
     let mut admin = loop {
-        if let Ok(mut c) = connect(&tls_only).await {
-            if c.get("/ping", None).await.is_ok() {
-                break c;
-            }
+        if let Ok(mut c) = connect(&tls_only).await
+            && c.get("/ping", None).await.is_ok()
+        {
+            break c;
         }
         assert!(
             t.elapsed() < Duration::from_secs(10),

@@ -1,8 +1,9 @@
 //! `dimple sweep` and `dimple bench` end to end, in-process and against a `dimple serve`
 //! child process over gRPC: outputs and their measures checked against the official
-//! outputs of the demo model, failed configurations (a server killed mid-run), resumption
-//! and its refusal, default folders, the built-in dataset from a copied binary, checkpoint
-//! generation configs, and a closed stdout.
+//! outputs of the demo model, the cache mode and block length as grid dimensions,
+//! failed configurations (a server killed mid-run), resumption and its refusal, default
+//! folders, the built-in dataset from a copied binary, checkpoint generation configs, and a
+//! closed stdout.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -257,7 +258,13 @@ fn small_sweep_writes_every_output_and_measures_right() {
     for r in &rows {
         let c = &r["config"];
         let thr = c["threshold"].as_f64().unwrap();
-        let cache = c["use_cache"].as_bool().unwrap();
+        // `--cache false,true` is the older spelling of `--cache-mode exact,prefix`.
+        let cache = match c["cache_mode"].as_str().unwrap() {
+            "exact" => false,
+            "prefix" => true,
+            other => panic!("cache mode {other}"),
+        };
+        assert!(c["block_length"].is_null(), "one whole-response block");
         let name = format!(
             "dim_thr{}_cache{}",
             if thr < 0.7 { "0.5" } else { "0.9" },
@@ -383,6 +390,154 @@ fn small_sweep_writes_every_output_and_measures_right() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Block length and cache mode as grid dimensions, in-process: both appear in every
+/// output, a block of 4 slots takes at least one forward pass per block (so more than one
+/// whole-response block at the same threshold), a repeated grid does no new work, and a
+/// widened block list runs only its new points (a block as long as the response is the
+/// whole-response point). A block longer than the response is refused by the engine,
+/// naming the field, and reported as failed; misspelt values are refused up front.
+#[test]
+fn block_length_and_cache_mode_are_grid_dimensions() {
+    let dir = temp_dir("sweep-blocks");
+    let out = dir.join("out");
+    let sweep = |args: &[&str], out: &std::path::Path| {
+        let o = dimple()
+            .args([
+                "sweep",
+                "--limit",
+                "6",
+                "--threshold",
+                "0.9",
+                "--warmup",
+                "0",
+            ])
+            .args(["--format", "svg"])
+            .args(args)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!log.contains("panicked"), "{log}");
+        (o.status.success(), log)
+    };
+    let grid = ["--cache-mode", "exact,dual", "--block-length", "whole,4"];
+    let (ok, log) = sweep(&grid, &out);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("4 configurations (0 already done, 4 to run)"),
+        "{log}"
+    );
+    let (_, rows) = results(&out);
+    let mut nfe: BTreeMap<(String, u64), f64> = BTreeMap::new();
+    for r in &rows {
+        assert_eq!(r["status"], "complete", "{r}");
+        let c = &r["config"];
+        let mode = c["cache_mode"].as_str().unwrap().to_string();
+        // `null`: the whole response of 16 slots is one block.
+        let block = c["block_length"].as_u64().unwrap_or(16);
+        let records = saved(&out, r["key"].as_str().unwrap())["records"].clone();
+        for rec in records.as_array().unwrap() {
+            // At least one pass per block (every block starts with masks), at most the
+            // 16 steps shared among the blocks.
+            let steps = rec["steps"].as_u64().unwrap();
+            assert!(
+                (16 / block..=16).contains(&steps),
+                "{mode} block {block}: {rec}"
+            );
+            assert_eq!(rec["tokens"], 16);
+        }
+        nfe.insert((mode, block), r["nfe_mean"].as_f64().unwrap());
+    }
+    let points: Vec<(&str, u64)> = nfe.keys().map(|(m, b)| (m.as_str(), *b)).collect();
+    assert_eq!(
+        points,
+        [("dual", 4), ("dual", 16), ("exact", 4), ("exact", 16)]
+    );
+    for mode in ["exact", "dual"] {
+        assert!(
+            nfe[&(mode.to_string(), 4)] > nfe[&(mode.to_string(), 16)],
+            "{nfe:?}"
+        );
+    }
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    let col = |name: &str| lines[0].iter().position(|c| *c == name).unwrap();
+    let (mode, block) = (col("cache_mode"), col("block_length"));
+    let cells: HashSet<(&str, &str)> = lines[1..].iter().map(|r| (r[mode], r[block])).collect();
+    let expected: HashSet<(&str, &str)> = [
+        ("exact", "16"),
+        ("exact", "4"),
+        ("dual", "16"),
+        ("dual", "4"),
+    ]
+    .into();
+    assert_eq!(cells, expected);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| cache | n | block |"), "{md}");
+    assert!(md.contains("| 0.9 | dual | 16 | 4 |"), "{md}");
+    let chart = std::fs::read_to_string(out.join("accuracy_vs_nfe.svg")).unwrap();
+    assert!(
+        chart.contains("cache dual, block 4") && chart.contains("cache exact, block 16"),
+        "the legend names the points"
+    );
+
+    // The same grid again: nothing to run. A block of 16 is the whole response, so only
+    // the blocks of 8 are new.
+    let (ok, log) = sweep(&grid, &out);
+    assert!(ok && log.contains("(4 already done, 0 to run)"), "{log}");
+    let (ok, log) = sweep(
+        &["--cache-mode", "exact,dual", "--block-length", "16,8,4"],
+        &out,
+    );
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("6 configurations (4 already done, 2 to run)"),
+        "{log}"
+    );
+    for k in [5, 6] {
+        let line = log
+            .lines()
+            .find(|l| l.starts_with(&format!("[{k}/6] ")))
+            .unwrap_or_else(|| panic!("{log}"));
+        assert!(line.contains("_b8_"), "{line}");
+    }
+    assert_eq!(results(&out).1.len(), 6);
+
+    // Longer than the 16-slot response: the engine refuses every request.
+    let bad = dir.join("bad");
+    let (ok, log) = sweep(&["--cache-mode", "dual", "--block-length", "32"], &bad);
+    assert!(!ok, "{log}");
+    let (_, rows) = results(&bad);
+    let e = &rows[0]["errors"]["INVALID_ARGUMENT"];
+    assert_eq!(
+        (rows[0]["status"].as_str(), e["count"].as_u64()),
+        (Some("failed"), Some(6))
+    );
+    let msg = e["messages"][0].as_str().unwrap();
+    assert!(msg.contains("block_length"), "{msg}");
+
+    for (args, refusal) in [
+        (
+            vec!["--block-length", "0"],
+            "block_length must be an integer >= 1 or `whole`",
+        ),
+        (
+            vec!["--cache-mode", "full"],
+            "unknown `cache` mode \"full\"; expected one of: exact, prefix, dual",
+        ),
+        (
+            vec!["--cache-mode", "dual", "--cache", "true"],
+            "`cache_mode` (`--cache-mode`) and `use_cache` (`--cache`) both set the cache",
+        ),
+    ] {
+        let (ok, log) = sweep(&args, &dir.join("refused"));
+        assert!(!ok && log.contains(refusal), "{args:?}: {log}");
+    }
+    assert!(!dir.join("refused").exists(), "nothing written");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The same kind of sweep sent to a running `dimple serve` over gRPC, with the server's
 /// metrics read before and after: the answers are the official ones, the server counted
 /// every measured request (warm-up excluded) under its labels, gauges come as before/after
@@ -486,6 +641,63 @@ fn sweep_against_a_running_router() {
     assert!(
         !counters.contains_key("dimple_router_workers_count"),
         "gauges are not counters"
+    );
+
+    // Block length and cache mode travel over gRPC to the worker: with blocks of 4 slots
+    // and no threshold, the dual cache runs a block's later passes on its window alone
+    // (the token before the block and the block), the exact mode every pass on the whole
+    // sequence.
+    let blocks = dir.join("blocks");
+    let o = dimple()
+        .args(["sweep", "--dataset"])
+        .arg(dir.join("ds.jsonl"))
+        .args(["--cache-mode", "exact,dual", "--block-length", "4"])
+        .args([
+            "--max-new-tokens",
+            "8",
+            "--threshold",
+            "none",
+            "--warmup",
+            "0",
+        ])
+        .args([
+            "--router",
+            &format!("http://{listen}"),
+            "--metrics-url",
+            &format!("http://{metrics}/metrics"),
+        ])
+        .arg("--out")
+        .arg(&blocks)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, rows) = results(&blocks);
+    let mut tokens_per_pass = BTreeMap::new();
+    for r in &rows {
+        assert_eq!(
+            (r["ok"].as_u64(), r["config"]["block_length"].as_u64()),
+            (Some(5), Some(4))
+        );
+        let counters = &r["server"]["counters"];
+        let passes = counters["dimple_engine_step_tokens_count"]
+            .as_f64()
+            .unwrap();
+        assert_eq!(
+            passes,
+            r["nfe_mean"].as_f64().unwrap() * 5.0,
+            "one pass per step, one request at a time"
+        );
+        // Two blocks: at least a pass each.
+        assert!(passes >= 10.0, "{passes}");
+        let tokens = counters["dimple_engine_step_tokens_sum"].as_f64().unwrap();
+        tokens_per_pass.insert(
+            r["config"]["cache_mode"].as_str().unwrap().to_string(),
+            tokens / passes,
+        );
+    }
+    assert!(
+        tokens_per_pass["dual"] < tokens_per_pass["exact"],
+        "{tokens_per_pass:?}"
     );
 
     // A response length beyond the server's limit: every request is refused, with the

@@ -255,7 +255,8 @@ fn draw_on<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, chart: &Chart<'_>)
         XAxis::Log => {
             // Half a decade of room on each side; log axes need positive values.
             let (a, b) = (x0.max(1e-6) / 1.5, x1.max(1e-6) * 1.5);
-            draw_xy(&plot, chart, (a..b).log_scale(), y0..y1)?
+            let axis = LogTicks((a..b).log_scale().into());
+            draw_xy(&plot, chart, axis, y0..y1)?
         }
         XAxis::Ticks(ticks) => {
             let (a, b) = pad(x0, x1);
@@ -441,6 +442,44 @@ impl Ranged for TickedAxis {
     }
 }
 
+/// A log-scaled f64 axis with ticks at 1, 2, 3 and 5 times each power of ten in range.
+/// plotters' own log ticks start at the first power of ten inside the range, which leaves
+/// an axis from 1.1 to 22 (confident decoding to a 16-slot response) labelled at 10 and 20
+/// only.
+struct LogTicks(LogCoord<f64>);
+
+impl Ranged for LogTicks {
+    type FormatOption = plotters::coord::ranged1d::DefaultFormatting;
+    type ValueType = f64;
+
+    fn map(&self, value: &f64, limit: (i32, i32)) -> i32 {
+        self.0.map(value, limit)
+    }
+
+    fn key_points<Hint: plotters::coord::ranged1d::KeyPointHint>(&self, _: Hint) -> Vec<f64> {
+        log_ticks(self.0.range())
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.0.range()
+    }
+}
+
+fn log_ticks(range: std::ops::Range<f64>) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    let mut decade = 10f64.powf(range.start.log10().floor());
+    while decade <= range.end {
+        for m in [1.0, 2.0, 3.0, 5.0] {
+            let v = m * decade;
+            if (range.start..=range.end).contains(&v) {
+                ticks.push(v);
+            }
+        }
+        decade *= 10.0;
+    }
+    ticks
+}
+
 fn draw_legend<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, series: &[Series]) -> Result<()> {
     let row = 20;
     let rows = (area.dim_in_pixel().1 as i32 - 60) / row;
@@ -476,6 +515,7 @@ enum Field {
     Threshold,
     Cache,
     Length,
+    Block,
     Steps,
     Load,
 }
@@ -489,8 +529,9 @@ fn field(s: &Summary, f: Field) -> String {
             "thr {}",
             c.threshold.map_or("none".into(), |t| t.to_string())
         ),
-        Field::Cache => format!("cache {}", if c.use_cache { "on" } else { "off" }),
+        Field::Cache => format!("cache {}", c.cache_mode),
         Field::Length => format!("n {}", c.max_new_tokens),
+        Field::Block => format!("block {}", c.slots_per_block()),
         Field::Steps => format!("steps {}", c.steps),
         Field::Load => match c.load {
             Load::Concurrency(n) => format!("c {n}"),
@@ -499,12 +540,13 @@ fn field(s: &Summary, f: Field) -> String {
     }
 }
 
-const FIELDS: [Field; 7] = [
+const FIELDS: [Field; 8] = [
     Field::Pipeline,
     Field::Alg,
     Field::Threshold,
     Field::Cache,
     Field::Length,
+    Field::Block,
     Field::Steps,
     Field::Load,
 ];
@@ -544,6 +586,20 @@ fn namer(summaries: &[Summary], except: &[Field]) -> impl Fn(&Summary) -> String
     }
 }
 
+/// `items` grouped by name, the groups in the order of their first item. Summaries come in
+/// grid order, so legends list settings as the grid does (blocks of 16, 8, 4 rather than
+/// 16, 4, 8 as text sorts them).
+fn grouped<T>(items: impl IntoIterator<Item = (String, T)>) -> Vec<(String, Vec<T>)> {
+    let mut out: Vec<(String, Vec<T>)> = Vec::new();
+    for (name, item) in items {
+        match out.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, group)) => group.push(item),
+            None => out.push((name, vec![item])),
+        }
+    }
+    out
+}
+
 /// Accuracy against mean NFE: one line per setting, one labelled point per threshold.
 pub fn accuracy_vs_nfe(path: &Path, summaries: &[Summary], format: PlotFormat) -> Result<()> {
     let scored: Vec<Summary> = summaries
@@ -553,17 +609,13 @@ pub fn accuracy_vs_nfe(path: &Path, summaries: &[Summary], format: PlotFormat) -
         .collect();
     let name = namer(&scored, &[Field::Threshold, Field::Load]);
     // Accuracy does not depend on the load: one point per threshold, from the first load.
-    let mut lines: BTreeMap<String, BTreeMap<String, &Summary>> = BTreeMap::new();
-    for s in &scored {
-        lines
-            .entry(name(s))
-            .or_default()
-            .entry(field(s, Field::Threshold))
-            .or_insert(s);
-    }
-    let series: Vec<Series> = lines
+    let series: Vec<Series> = grouped(scored.iter().map(|s| (name(s), s)))
         .into_iter()
-        .map(|(name, points)| {
+        .map(|(name, all)| {
+            let mut points: BTreeMap<String, &Summary> = BTreeMap::new();
+            for s in all {
+                points.entry(field(s, Field::Threshold)).or_insert(s);
+            }
             let mut pts: Vec<&Summary> = points.into_values().collect();
             pts.sort_by(|a, b| a.nfe_mean.total_cmp(&b.nfe_mean));
             Series {
@@ -609,18 +661,15 @@ pub fn throughput_vs_concurrency(
         .cloned()
         .collect();
     let name = namer(&closed, &[Field::Load]);
-    let mut lines: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut points = Vec::new();
     let mut ticks = BTreeSet::new();
     for s in &closed {
         if let Load::Concurrency(c) = s.config.load {
             ticks.insert(c);
-            lines
-                .entry(name(s))
-                .or_default()
-                .push((c as f64, s.answer_tokens_per_s));
+            points.push((name(s), (c as f64, s.answer_tokens_per_s)));
         }
     }
-    let series: Vec<Series> = lines
+    let series: Vec<Series> = grouped(points)
         .into_iter()
         .map(|(name, mut points)| {
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -650,14 +699,14 @@ pub fn latency_vs_rate(path: &Path, summaries: &[Summary], format: PlotFormat) -
         .cloned()
         .collect();
     let name = namer(&open, &[Field::Load]);
-    let mut lines: BTreeMap<String, Vec<&Summary>> = BTreeMap::new();
+    let mut points = Vec::new();
     let mut ticks: Vec<f64> = Vec::new();
     for s in &open {
         if let Load::Rate(r) = s.config.load {
             if !ticks.contains(&r) {
                 ticks.push(r);
             }
-            lines.entry(name(s)).or_default().push(s);
+            points.push((name(s), s));
         }
     }
     ticks.sort_by(f64::total_cmp);
@@ -666,7 +715,7 @@ pub fn latency_vs_rate(path: &Path, summaries: &[Summary], format: PlotFormat) -
         Load::Concurrency(c) => c as f64,
     };
     let mut series = Vec::new();
-    for (name, mut pts) in lines {
+    for (name, mut pts) in grouped(points) {
         pts.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
         series.push(Series::new(
             format!("{name} p50"),
@@ -743,9 +792,54 @@ mod tests {
     }
 
     #[test]
+    fn log_axes_have_ticks_inside_a_decade() {
+        assert_eq!(log_ticks(1.007..22.5), vec![2.0, 3.0, 5.0, 10.0, 20.0]);
+        assert_eq!(log_ticks(0.7..3.0), vec![1.0, 2.0, 3.0]);
+        let ticks = log_ticks(0.004..0.2);
+        assert_eq!(ticks.len(), 7, "{ticks:?}");
+        assert!((ticks[0] - 0.005).abs() < 1e-12 && (ticks[6] - 0.2).abs() < 1e-12);
+    }
+
+    #[test]
+    fn legends_keep_the_grid_order() {
+        let groups = grouped(
+            [("b16", 1), ("b8", 2), ("b4", 3), ("b16", 4)].map(|(n, v)| (n.to_string(), v)),
+        );
+        let names: Vec<&str> = groups.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["b16", "b8", "b4"]);
+        assert_eq!(groups[0].1, [1, 4]);
+    }
+
+    #[test]
     fn formats_parse() {
         assert_eq!("PNG".parse::<PlotFormat>().unwrap(), PlotFormat::Png);
         assert_eq!("svg".parse::<PlotFormat>().unwrap(), PlotFormat::Svg);
         assert!("gif".parse::<PlotFormat>().is_err());
+    }
+
+    #[test]
+    fn series_names_tell_cache_modes_and_block_lengths_apart() {
+        let summaries: Vec<Summary> = crate::Grid {
+            cache_mode: vec!["exact".into(), "dual".into()],
+            block_length: vec![None, Some(4)],
+            threshold: vec![0.0, 0.9],
+            ..crate::Grid::default()
+        }
+        .configs(16)
+        .unwrap()
+        .iter()
+        .map(|c| Summary::from_records(c, &[], 1.0, None))
+        .collect();
+        let name = namer(&summaries, &[Field::Threshold, Field::Load]);
+        let names: BTreeSet<String> = summaries.iter().map(&name).collect();
+        let expected: BTreeSet<String> = [
+            "cache exact, block 16",
+            "cache exact, block 4",
+            "cache dual, block 16",
+            "cache dual, block 4",
+        ]
+        .map(String::from)
+        .into();
+        assert_eq!(names, expected);
     }
 }

@@ -184,8 +184,9 @@ const COLUMNS: &[&str] = &[
     "pipeline",
     "alg",
     "threshold",
-    "use_cache",
+    "cache_mode",
     "max_new_tokens",
+    "block_length",
     "steps",
     "load",
     "requests",
@@ -246,8 +247,9 @@ fn cells(s: &Summary) -> Vec<String> {
         c.pipeline.to_string(),
         c.alg.to_string(),
         threshold_str(c.threshold),
-        c.use_cache.to_string(),
+        c.cache_mode.to_string(),
         c.max_new_tokens.to_string(),
+        c.slots_per_block().to_string(),
         c.steps.to_string(),
         load_str(c.load),
         s.requests.to_string(),
@@ -382,6 +384,7 @@ pub fn to_markdown(
         "threshold",
         "cache",
         "n",
+        "block",
         "load",
         "ok/req",
         "accuracy [95% CI]",
@@ -418,8 +421,9 @@ pub fn to_markdown(
             c.pipeline.to_string(),
             c.alg.to_string(),
             threshold_str(c.threshold),
-            if c.use_cache { "on" } else { "off" }.into(),
+            c.cache_mode.to_string(),
             c.max_new_tokens.to_string(),
+            c.slots_per_block().to_string(),
             load_str(c.load),
             format!("{}/{}", s.ok, s.requests),
             acc,
@@ -476,6 +480,8 @@ pub fn to_markdown(
 const COLUMN_NOTES: &str = "
 ## Columns
 
+- **cache**: what each step recomputes (`exact`, `prefix` or `dual`). **n**: response
+  slots. **block**: slots per block (`n` when the whole response is one block).
 - **accuracy**: correct answers over every item with a reference; an unanswered item counts
   as wrong. The interval is the 95% Wilson score interval. **acc. answered**: over the
   answered items only.
@@ -588,5 +594,48 @@ mod tests {
         assert!(md.contains("UNAVAILABLE x1: \"gone\""), "{md}");
         let csv = to_csv(&[bad.summary]);
         assert!(csv.lines().nth(1).unwrap().contains(",failed,"));
+    }
+
+    #[test]
+    fn cache_mode_and_block_length_are_columns() {
+        let records = saved(true).records;
+        let summaries: Vec<Summary> = Grid {
+            cache_mode: vec!["dual".into(), "exact".into()],
+            block_length: vec![Some(4), None],
+            ..Grid::default()
+        }
+        .configs(16)
+        .unwrap()
+        .iter()
+        .map(|c| Summary::from_records(c, &records, 1.0, None))
+        .collect();
+        let csv = to_csv(&summaries);
+        let lines: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+        let col = |name: &str| lines[0].iter().position(|c| *c == name).unwrap();
+        let (mode, block) = (col("cache_mode"), col("block_length"));
+        let cells: Vec<(&str, &str)> = lines[1..].iter().map(|r| (r[mode], r[block])).collect();
+        // The whole response is one block of n = 16 slots.
+        assert_eq!(
+            cells,
+            vec![
+                ("dual", "4"),
+                ("dual", "16"),
+                ("exact", "4"),
+                ("exact", "16")
+            ]
+        );
+        let md = to_markdown(&summaries, &meta(1), &[], "png");
+        assert!(
+            md.contains("| threshold | cache | n | block | load |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| none | dual | 16 | 4 | concurrency 1 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| none | exact | 16 | 16 | concurrency 1 |"),
+            "{md}"
+        );
     }
 }
