@@ -290,7 +290,15 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
         println!("  best: {:.1} GFLOP/s", peak / 1e9);
     }
 
-    let max_c = a.concurrency.iter().copied().max().unwrap_or(1);
+    // The invariance check submits its request and the others at once: they must all fit
+    // one batch.
+    let max_c = a
+        .concurrency
+        .iter()
+        .copied()
+        .chain(a.check_invariance.map(|others| others + 1))
+        .max()
+        .unwrap_or(1);
     let log: Arc<Mutex<Vec<StepReport>>> = Arc::new(Mutex::new(Vec::new()));
     let sink = log.clone();
     let hook = Box::new(move |r: &StepReport| {
