@@ -58,17 +58,18 @@ fn rows_of(t: &Tensor) -> Vec<Vec<f32>> {
 
 /// Keys/values of positions `[from, from + n)` of a whole-sequence cache (`None` when empty).
 fn cut(all: &KvCache, from: usize, n: usize) -> Option<KvCache> {
-    (n > 0).then(|| KvCache {
-        layers: all
-            .layers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.narrow(1, from, n).unwrap().contiguous().unwrap(),
-                    v.narrow(1, from, n).unwrap().contiguous().unwrap(),
-                )
-            })
-            .collect(),
+    (n > 0).then(|| {
+        KvCache::new(
+            all.layers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.narrow(1, from, n).unwrap().contiguous().unwrap(),
+                        v.narrow(1, from, n).unwrap().contiguous().unwrap(),
+                    )
+                })
+                .collect(),
+        )
     })
 }
 
