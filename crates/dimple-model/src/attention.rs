@@ -118,6 +118,45 @@ fn push_index(idx: &mut Vec<u32>, v: usize) -> Result<()> {
     }
 }
 
+/// The additive mask `[sequences, max_len, max_keys]` (row-major) of a step whose sequences
+/// have `lens` new tokens and `keys` keys each: -inf for padded keys and, within a sequence
+/// with a key mask, where `allowed = (valid[query] && valid[key]) || key is the query's own`
+/// fails; 0 elsewhere. `None` when it would be all zeros.
+fn attention_mask(
+    seqs: &[SeqInput<'_>],
+    lens: &[usize],
+    keys: &[usize],
+    max_len: usize,
+    max_keys: usize,
+) -> Option<Vec<f32>> {
+    let mut mask = vec![0f32; seqs.len() * max_len * max_keys];
+    let mut masked = false;
+    for (n, (s, row)) in seqs
+        .iter()
+        .zip(mask.chunks_exact_mut(max_len * max_keys))
+        .enumerate()
+    {
+        let p = s.prefix.map_or(0, KvCache::len);
+        for (i, row) in row.chunks_exact_mut(max_keys).enumerate() {
+            row[keys[n]..].fill(f32::NEG_INFINITY);
+            masked |= keys[n] < max_keys;
+            // Padded query rows read every real key (they are never used; this keeps their
+            // softmax finite).
+            let Some(valid) = s.key_valid.filter(|_| i < lens[n]) else {
+                continue;
+            };
+            let own = p + i;
+            for (j, m) in row[..keys[n]].iter_mut().enumerate() {
+                if !((valid[own] && valid[j]) || j == own) {
+                    *m = f32::NEG_INFINITY;
+                    masked = true;
+                }
+            }
+        }
+    }
+    masked.then_some(mask)
+}
+
 impl StepAttention {
     /// The layout of `seqs` (their new-token counts in `lens`), for a model of `layers`
     /// layers with the rank's `heads`. Shapes of the caches are checked here.
@@ -180,9 +219,20 @@ impl StepAttention {
         } else {
             Some((Tensor::cat(&packed, 2)?, positions))
         };
-        // Without caches, layers gather straight from their projections: keys from the
-        // rotated `[q | k]` rows, values from the `[q | k | v]` rows. With caches, from the
-        // cached rows followed by the new `[kv_heads]` rows of each token.
+        // The new keys and values in the layer's projections: keys in the rotated `[q | k]`
+        // rows, values in the `[q | k | v]` rows. Without caches, layers gather them from
+        // there; with caches, from the cached rows followed by the new `[kv_heads]` rows of
+        // each token. Kept runs always come from the projections.
+        let proj_k = NewRows {
+            base: 0,
+            stride: nh + nkv,
+            first: nh,
+        };
+        let proj_v = NewRows {
+            base: 0,
+            stride: nh + 2 * nkv,
+            first: nh + nkv,
+        };
         let (new_k, new_v) = if cached.is_some() {
             let rows = NewRows {
                 base: positions * nkv,
@@ -191,18 +241,7 @@ impl StepAttention {
             };
             (rows, rows)
         } else {
-            (
-                NewRows {
-                    base: 0,
-                    stride: nh + nkv,
-                    first: nh,
-                },
-                NewRows {
-                    base: 0,
-                    stride: nh + 2 * nkv,
-                    first: nh + nkv,
-                },
-            )
+            (proj_k, proj_v)
         };
 
         let mut starts = Vec::with_capacity(batch);
@@ -269,20 +308,8 @@ impl StepAttention {
         }
         let out_range = from..idx.len();
 
-        // Kept runs: their keys come from the rotated `[q | k]` rows, their values from the
-        // `[q | k | v]` rows, whatever the step's caches.
-        let (keep_k, keep_v) = (
-            NewRows {
-                base: 0,
-                stride: nh + nkv,
-                first: nh,
-            },
-            NewRows {
-                base: 0,
-                stride: nh + 2 * nkv,
-                first: nh + nkv,
-            },
-        );
+        // Kept runs, all sequences in one list: a run's rows are its kv heads, each over its
+        // positions, so that a run is one `[kv_heads, len, head_dim]` block.
         let mut kept = Vec::new();
         let mut kept_rows = 0;
         let mut runs = Vec::new();
@@ -306,7 +333,7 @@ impl StepAttention {
         let mut keep_ranges = None;
         if !runs.is_empty() {
             let mut ranges = Vec::with_capacity(2);
-            for new in [keep_k, keep_v] {
+            for new in [proj_k, proj_v] {
                 let start = idx.len();
                 for &(from, len) in &runs {
                     for h in 0..nkv {
@@ -320,29 +347,7 @@ impl StepAttention {
             keep_ranges = Some((ranges[0].clone(), ranges[1].clone()));
         }
 
-        let mut mask = vec![0f32; batch * max_len * max_keys];
-        let mut masked = false;
-        for (n, s) in seqs.iter().enumerate() {
-            let p = cache_len(s.prefix);
-            for i in 0..max_len {
-                let row = &mut mask[(n * max_len + i) * max_keys..(n * max_len + i + 1) * max_keys];
-                row[keys[n]..].fill(f32::NEG_INFINITY);
-                masked |= keys[n] < max_keys;
-                // Padded query rows read every real key (they are never used; this keeps
-                // their softmax finite).
-                let Some(valid) = s.key_valid.filter(|_| i < lens[n]) else {
-                    continue;
-                };
-                let own = p + i;
-                for (j, m) in row[..keys[n]].iter_mut().enumerate() {
-                    if !((valid[own] && valid[j]) || j == own) {
-                        *m = f32::NEG_INFINITY;
-                        masked = true;
-                    }
-                }
-            }
-        }
-
+        let mask = attention_mask(seqs, lens, &keys, max_len, max_keys);
         let n_idx = idx.len();
         let idx = Tensor::from_vec(idx, n_idx, device)?;
         let at = |r: std::ops::Range<usize>| idx.narrow(0, r.start, r.len());
@@ -362,13 +367,9 @@ impl StepAttention {
                 None => None,
             },
             kept,
-            mask: match masked {
-                true => Some(Tensor::from_vec(
-                    mask,
-                    (batch, 1, max_len, max_keys),
-                    device,
-                )?),
-                false => None,
+            mask: match mask {
+                Some(m) => Some(Tensor::from_vec(m, (batch, 1, max_len, max_keys), device)?),
+                None => None,
             },
             cached,
         })
