@@ -14,7 +14,10 @@
 #    weights (28 layers, hidden 3584, 28/4 heads, MLP 18944, vocab 152064) at 1, 8 and 32
 #    concurrent requests of 64 response slots, exact and cached: per-step time, slots/s,
 #    useful FLOP/s and model FLOP utilisation; before it, batch invariance in bf16 (one
-#    request alone and in a batch of 8 decode the same tokens).
+#    request alone and in a batch of 8 decode the same tokens: the padded batched attention
+#    of the tensor-op path must not let a request's tokens depend on its batch).
+# Both parts run the tensor-op path (crates/dimple-model/src/attention.rs): the golden cases
+# check it in f32 against the reference, the benchmark in bf16 at scale.
 #
 # The CUDA libraries (cudart, cuBLAS, cuRAND, NVRTC, NCCL) are found in the NVIDIA Python
 # packages of python3 (or set DIMPLE_CUDA_LIBS to a colon-separated list of directories).

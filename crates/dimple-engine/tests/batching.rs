@@ -252,6 +252,37 @@ fn batching_never_changes_a_result() {
     engine.shutdown();
 }
 
+/// The same on the tensor-op path (the GPU's path, forced here on the CPU in f32), whose
+/// passes run all their sequences' attention as one padded batch: the golden cases still
+/// reproduce the reference, and the requests all at once or joining mid-flight reproduce
+/// their solo runs.
+#[test]
+fn tensor_path_batching_never_changes_a_result() {
+    let (cases, reqs) = all_requests();
+    let start = |max_active| {
+        let cfg = EngineConfig {
+            max_active,
+            ..EngineConfig::default()
+        };
+        dimple_engine::start(tensor_path_model(), cfg, None)
+    };
+    let solo_engine = start(1);
+    let solo = run(&solo_engine, &reqs, 1);
+    for (case, out) in cases.iter().zip(&solo) {
+        assert_eq!(
+            out.history, case.history,
+            "{}: tensor-path solo run differs from the reference",
+            case.name
+        );
+    }
+    solo_engine.shutdown();
+
+    let engine = start(256);
+    assert_same("tensor path, all at once", &solo, &run(&engine, &reqs, 1));
+    assert_same("tensor path, staggered", &solo, &run(&engine, &reqs, 6));
+    engine.shutdown();
+}
+
 /// `gen_text2` is row 1 of the golden batch decoded on its own. The official batch decodes
 /// rows jointly (one top-k across rows), so its row 1 differs; the engine decodes each
 /// request alone, so next to the `p_text` request it must still give the `gen_text2` history.

@@ -58,17 +58,18 @@ fn rows_of(t: &Tensor) -> Vec<Vec<f32>> {
 
 /// Keys/values of positions `[from, from + n)` of a whole-sequence cache (`None` when empty).
 fn cut(all: &KvCache, from: usize, n: usize) -> Option<KvCache> {
-    (n > 0).then(|| KvCache {
-        layers: all
-            .layers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.narrow(1, from, n).unwrap().contiguous().unwrap(),
-                    v.narrow(1, from, n).unwrap().contiguous().unwrap(),
-                )
-            })
-            .collect(),
+    (n > 0).then(|| {
+        KvCache::new(
+            all.layers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.narrow(1, from, n).unwrap().contiguous().unwrap(),
+                        v.narrow(1, from, n).unwrap().contiguous().unwrap(),
+                    )
+                })
+                .collect(),
+        )
     })
 }
 
@@ -387,6 +388,17 @@ fn one_block_is_the_official_decoding() {
 /// alone, all together, and with passes split by a token budget: every history is the same.
 #[test]
 fn mixed_cache_modes_share_passes_without_changing_results() {
+    mixed_cache_modes(model);
+}
+
+/// The same on the tensor-op path, where a pass's prefix and suffix caches of every
+/// sequence feed one padded attention batch.
+#[test]
+fn mixed_cache_modes_share_passes_on_the_tensor_path() {
+    mixed_cache_modes(tensor_path_model);
+}
+
+fn mixed_cache_modes(model: fn() -> DimpleModel) {
     let mut reqs = block_requests(CacheMode::Exact);
     reqs.extend(block_requests(CacheMode::Dual));
     reqs.extend(block_requests(CacheMode::Prefix).into_iter().take(3));
@@ -409,10 +421,14 @@ fn mixed_cache_modes_share_passes_without_changing_results() {
             .map(|(rx, r)| collect_within(rx, initial_row(r, GOLDEN_MASK_ID)))
             .collect()
     };
-    let solo_engine = engine(EngineConfig {
-        max_active: 1,
-        ..EngineConfig::default()
-    });
+    let solo_engine = dimple_engine::start(
+        model(),
+        EngineConfig {
+            max_active: 1,
+            ..EngineConfig::default()
+        },
+        None,
+    );
     let solo = run_all(&solo_engine);
     solo_engine.shutdown();
     let budget = 64;
@@ -426,7 +442,7 @@ fn mixed_cache_modes_share_passes_without_changing_results() {
             },
         ),
     ] {
-        let (engine, log) = engine_with_log(cfg);
+        let (engine, log) = engine_with_log_on(model(), cfg);
         let got = run_all(&engine);
         for (i, (a, b)) in solo.iter().zip(&got).enumerate() {
             assert_eq!(b.history, a.history, "{label}: request {i} ({})", modes[i]);

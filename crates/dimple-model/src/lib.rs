@@ -2,10 +2,12 @@
 //! M-RoPE, the windowed vision tower, the image projector and image preprocessing.
 //!
 //! Layout: `config` (HF `config.json`), `weights` (safetensors, single or sharded),
-//! `text` (decoder), `rope_index` (3-component position ids), `vision` (tower, merger,
-//! projector), `preprocess` (image bytes to patches), `tp` (tensor parallelism: the `Comm`
-//! trait with its thread-local and NCCL groups, the sharded layers, the valid degrees).
+//! `text` (decoder), `attention` (its padded batched attention on tensor ops), `rope_index`
+//! (3-component position ids), `vision` (tower, merger, projector), `preprocess` (image
+//! bytes to patches), `tp` (tensor parallelism: the `Comm` trait with its thread-local and
+//! NCCL groups, the sharded layers, the valid degrees).
 
+mod attention;
 pub mod config;
 mod cpu;
 pub mod model;

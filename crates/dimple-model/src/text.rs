@@ -3,8 +3,9 @@
 //!
 //! One forward call runs several independent sequences: every linear layer works on all
 //! their tokens packed into one matrix, attention runs per sequence against that sequence's
-//! own cached prefix (if any). A sequence's result does not depend on what it shares the
-//! call with.
+//! own cached prefix and suffix (if any): on the host kernels sequence by sequence, on the
+//! tensor-op path (GPU, and CPU in f16/bf16) as one padded batch (`crate::attention`). A
+//! sequence's result does not depend on what it shares the call with.
 //!
 //! The same definition serves every tensor-parallel degree (see `crate::tp`): a rank holds
 //! its query heads, its kv heads (split, or replicated beyond their number), its MLP
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::attention::{Heads, StepAttention};
 use crate::cpu::{
     self, HeadLayout, HostTensors, Mat, SeqKeys, add_bias, rms_norm, rope_in_place, silu_mul,
 };
@@ -27,14 +29,63 @@ use crate::tp::{
 use crate::weights::{Linear, RmsNorm};
 use crate::{DimpleConfig, ModelError, Result};
 
-/// Keys and values of a sequence's cached prefix, per layer, each `[kv_heads, len, head_dim]`
-/// (keys after rotary embedding; under tensor parallelism, the rank's kv heads only).
+/// Keys and values of a sequence's cached prefix (or suffix), per layer, each `[kv_heads,
+/// len, head_dim]` (keys after rotary embedding; under tensor parallelism, the rank's kv
+/// heads only).
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    pub layers: Vec<(Tensor, Tensor)>,
+    layers: Vec<(Tensor, Tensor)>,
+    /// The same keys and values as one tensor `[layers, 2, kv_heads, len, head_dim]` of
+    /// which `layers` are views, when the tensor-op path kept them: a step then gathers a
+    /// cache with one copy rather than one per layer.
+    packed: Option<Tensor>,
 }
 
 impl KvCache {
+    /// A cache from each layer's `(keys, values)`, `[kv_heads, len, head_dim]` each.
+    pub fn new(layers: Vec<(Tensor, Tensor)>) -> Self {
+        Self {
+            layers,
+            packed: None,
+        }
+    }
+
+    /// A cache held in one `[layers, 2, kv_heads, len, head_dim]` tensor.
+    pub(crate) fn from_packed(packed: Tensor) -> Result<Self> {
+        let n = packed.dims().first().copied().unwrap_or(0);
+        let layers = (0..n)
+            .map(|l| {
+                let kv = packed.get(l)?;
+                Ok((kv.get(0)?, kv.get(1)?))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            layers,
+            packed: Some(packed),
+        })
+    }
+
+    /// Each layer's `(keys, values)`, `[kv_heads, len, head_dim]` each.
+    pub fn layers(&self) -> &[(Tensor, Tensor)] {
+        &self.layers
+    }
+
+    /// All layers in one `[layers, 2, kv_heads, len, head_dim]` tensor (stacked now when the
+    /// cache was not kept that way).
+    pub(crate) fn packed(&self) -> Result<Tensor> {
+        if let Some(p) = &self.packed {
+            return Ok(p.clone());
+        }
+        let flat: Vec<&Tensor> = self.layers.iter().flat_map(|(k, v)| [k, v]).collect();
+        let (kv, len, hd) = match self.layers.first() {
+            Some((k, _)) => k.dims3()?,
+            None => {
+                return Err(ModelError::Input("a cache without layers".into()));
+            }
+        };
+        Ok(Tensor::stack(&flat, 0)?.reshape((self.layers.len(), 2, kv, len, hd))?)
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, |(k, _)| k.dims()[1])
@@ -237,21 +288,39 @@ impl Rope {
     }
 }
 
-/// Each sequence's logits rows (packed in `logits`, in sequence order) and kept cache.
+/// Each sequence's logits rows (packed in `logits`, in sequence order) and kept caches, from
+/// each layer's kept keys/values per sequence.
 fn split_outputs(
     seqs: &[SeqInput<'_>],
     logits: &Tensor,
     caches: Vec<Vec<(Tensor, Tensor)>>,
     suffix_caches: Vec<Vec<(Tensor, Tensor)>>,
 ) -> Result<Vec<SeqOutput>> {
+    let kept =
+        |keep: usize, layers: Vec<(Tensor, Tensor)>| (keep > 0).then(|| KvCache::new(layers));
+    let prefix = seqs.iter().zip(caches).map(|(s, l)| kept(s.keep_prefix, l));
+    let suffix = seqs
+        .iter()
+        .zip(suffix_caches)
+        .map(|(s, l)| kept(s.keep_suffix, l));
+    outputs(seqs, logits, prefix.collect(), suffix.collect())
+}
+
+/// Each sequence's logits rows (packed in `logits`, in sequence order) and kept caches.
+fn outputs(
+    seqs: &[SeqInput<'_>],
+    logits: &Tensor,
+    caches: Vec<Option<KvCache>>,
+    suffix_caches: Vec<Option<KvCache>>,
+) -> Result<Vec<SeqOutput>> {
     let mut out = Vec::with_capacity(seqs.len());
     let mut off = 0;
-    for ((s, layers), suffix) in seqs.iter().zip(caches).zip(suffix_caches) {
+    for ((s, cache), suffix_cache) in seqs.iter().zip(caches).zip(suffix_caches) {
         let r = s.logit_rows.len();
         out.push(SeqOutput {
             logits: logits.narrow(0, off, r)?,
-            cache: (s.keep_prefix > 0).then_some(KvCache { layers }),
-            suffix_cache: (s.keep_suffix > 0).then_some(KvCache { layers: suffix }),
+            cache,
+            suffix_cache,
         });
         off += r;
     }
@@ -308,6 +377,9 @@ pub struct TextModel {
     comm: Arc<dyn Comm>,
     device: Device,
     dtype: DType,
+    /// Whether a CPU f32 pass runs the host kernels (`crate::cpu`; the default) rather than
+    /// the tensor-op path every other device and dtype runs.
+    host_kernels: bool,
 }
 
 impl TextModel {
@@ -410,7 +482,15 @@ impl TextModel {
             comm,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            host_kernels: true,
         })
+    }
+
+    /// Runs CPU f32 passes on the host kernels (`true`, the default) or on the tensor-op
+    /// path that serves every other device and dtype (`false`: to check that path against
+    /// them on a machine without a GPU).
+    pub fn set_host_kernels(&mut self, on: bool) {
+        self.host_kernels = on;
     }
 
     /// The rank's place in its group and the slices it holds.
@@ -507,14 +587,14 @@ impl TextModel {
             }
             let prefix = s.prefix.map_or(0, KvCache::len);
             let suffix = s.suffix.map_or(0, KvCache::len);
-            if let Some(kv) = s.key_valid {
-                if kv.len() != prefix + len + suffix {
-                    return Err(ModelError::Input(format!(
-                        "sequence {n}: key mask has {} entries, expected {}",
-                        kv.len(),
-                        prefix + len + suffix
-                    )));
-                }
+            if let Some(kv) = s.key_valid
+                && kv.len() != prefix + len + suffix
+            {
+                return Err(ModelError::Input(format!(
+                    "sequence {n}: key mask has {} entries, expected {}",
+                    kv.len(),
+                    prefix + len + suffix
+                )));
             }
             if s.logit_rows.end() > len || s.keep_prefix + s.keep_suffix > len {
                 return Err(ModelError::Input(format!(
@@ -532,7 +612,7 @@ impl TextModel {
             lens.push(len);
             all_pos.extend_from_slice(s.positions);
         }
-        if self.device.is_cpu() && self.dtype == DType::F32 {
+        if self.device.is_cpu() && self.dtype == DType::F32 && self.host_kernels {
             return self.forward_host(seqs, &lens, &all_pos, trace);
         }
         let embeds: Vec<Tensor> = seqs
@@ -541,78 +621,35 @@ impl TextModel {
             .collect::<candle_core::Result<_>>()?;
         let mut xs = Tensor::cat(&embeds, 0)?;
         let (cos, sin) = self.rope.tables(&all_pos, &self.device, self.dtype)?;
-        let masks = seqs
-            .iter()
-            .map(|s| self.attention_mask(s))
-            .collect::<Result<Vec<_>>>()?;
-        let mut caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
-        let mut suffix_caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
+        // Everything attention needs to know about the step's sequences, on the device
+        // before the first layer: no layer waits on the host.
+        let heads = Heads {
+            heads: self.layout.heads,
+            kv_heads: self.layout.kv_heads,
+            head_dim: self.cfg.head_dim(),
+        };
+        let step = StepAttention::new(seqs, &lens, heads, self.layers.len(), &self.device)?;
+        let mut kept = Vec::new();
 
         if let Some(t) = trace.as_deref_mut() {
             t.push(xs.clone());
         }
         for (li, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
-            let h = layer.input_norm.forward(&xs)?;
-            let total = h.dims()[0];
-            let qkv = a.qkv.forward(&h)?;
-            let heads = |first: usize, n: usize| -> Result<Tensor> {
-                Ok(qkv
-                    .narrow(1, first * a.head_dim, n * a.head_dim)?
-                    .reshape((total, n, a.head_dim))?
-                    .transpose(0, 1)?
-                    .contiguous()?
-                    .unsqueeze(0)?)
-            };
-            let q = candle_nn::rotary_emb::rope(&heads(0, a.heads)?, &cos, &sin)?.squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope(&heads(a.heads, a.kv_heads)?, &cos, &sin)?
-                .squeeze(0)?;
-            let v = heads(a.heads + a.kv_heads, a.kv_heads)?.squeeze(0)?;
-            let mut outs = Vec::with_capacity(seqs.len());
-            let mut off = 0;
-            for (n, s) in seqs.iter().enumerate() {
-                let len = lens[n];
-                let qs = q.narrow(1, off, len)?;
-                let mut ks = k.narrow(1, off, len)?;
-                let mut vs = v.narrow(1, off, len)?;
-                if s.keep_prefix > 0 {
-                    caches[n].push((
-                        ks.narrow(1, 0, s.keep_prefix)?.contiguous()?,
-                        vs.narrow(1, 0, s.keep_prefix)?.contiguous()?,
-                    ));
-                }
-                if s.keep_suffix > 0 {
-                    let from = len - s.keep_suffix;
-                    suffix_caches[n].push((
-                        ks.narrow(1, from, s.keep_suffix)?.contiguous()?,
-                        vs.narrow(1, from, s.keep_suffix)?.contiguous()?,
-                    ));
-                }
-                if let Some(p) = s.prefix {
-                    let (pk, pv) = &p.layers[li];
-                    ks = Tensor::cat(&[pk, &ks], 1)?;
-                    vs = Tensor::cat(&[pv, &vs], 1)?;
-                }
-                if let Some(p) = s.suffix {
-                    let (sk, sv) = &p.layers[li];
-                    ks = Tensor::cat(&[&ks, sk], 1)?;
-                    vs = Tensor::cat(&[&vs, sv], 1)?;
-                }
-                outs.push(self.attend(a, &qs, &ks, &vs, masks[n].as_ref())?);
-                off += len;
-            }
-            let attn = a.o.forward(&Tensor::cat(&outs, 0)?)?;
-            xs = (xs + attn)?;
+            let qkv = a.qkv.forward(&layer.input_norm.forward(&xs)?)?;
+            let (att, keep) = step.layer(li, &qkv, &cos, &sin)?;
+            kept.extend(keep);
+            xs = (xs + a.o.forward(&att)?)?;
             let mlp = layer.mlp.forward(&layer.post_norm.forward(&xs)?)?;
             xs = (xs + mlp)?;
-            if li + 1 < self.layers.len() {
-                if let Some(t) = trace.as_deref_mut() {
-                    t.push(xs.clone());
-                }
+            if li + 1 < self.layers.len()
+                && let Some(t) = trace.as_deref_mut()
+            {
+                t.push(xs.clone());
             }
         }
         let xs = self.norm.forward(&xs)?;
-        if let Some(t) = trace.as_deref_mut() {
+        if let Some(t) = trace {
             t.push(xs.clone());
         }
         let mut rows: Vec<u32> = Vec::new();
@@ -630,7 +667,8 @@ impl TextModel {
                 .forward(&xs.index_select(&idx, 0)?)?
                 .to_dtype(DType::F32)?
         };
-        split_outputs(seqs, &logits, caches, suffix_caches)
+        let (caches, suffix_caches) = step.kept_caches(kept)?;
+        outputs(seqs, &logits, caches, suffix_caches)
     }
 
     /// [`TextModel::forward`] in f32 on the CPU, over reused host buffers (see `crate::cpu`).
@@ -928,60 +966,5 @@ impl TextModel {
             add_bias(partial, host.slice(0)?);
         }
         Ok(())
-    }
-
-    /// Additive mask `[len, keys]` for a sequence with padding, `None` when all keys are real.
-    fn attention_mask(&self, s: &SeqInput<'_>) -> Result<Option<Tensor>> {
-        let Some(valid) = s.key_valid else {
-            return Ok(None);
-        };
-        if valid.iter().all(|&v| v) {
-            return Ok(None);
-        }
-        let prefix = s.prefix.map_or(0, KvCache::len);
-        let len = s.positions.len();
-        let keys = valid.len();
-        let mut m = vec![0f32; len * keys];
-        for i in 0..len {
-            let qi = valid[prefix + i];
-            for j in 0..keys {
-                let allowed = (qi && valid[j]) || j == prefix + i;
-                if !allowed {
-                    m[i * keys + j] = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Ok(Some(Tensor::from_vec(m, (len, keys), &self.device)?))
-    }
-
-    /// Attention of `q [heads, len, hd]` over `k, v [kv_heads, keys, hd]`; returns `[len, heads*hd]`.
-    fn attend(
-        &self,
-        a: &Attention,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let (_, len, hd) = q.dims3()?;
-        let keys = k.dims()[1];
-        let group = a.heads / a.kv_heads;
-        // Query heads h use kv head h / group (local numbering; the layout keeps every
-        // rank's query heads with the kv heads they read): fold each group into the rows.
-        let qg = q.reshape((a.kv_heads, group * len, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut scores = (qg.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
-        if let Some(m) = mask {
-            scores = scores
-                .reshape((a.kv_heads, group, len, keys))?
-                .broadcast_add(m)?
-                .reshape((a.kv_heads, group * len, keys))?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v.contiguous()?)?; // [kv_heads, group*len, hd]
-        Ok(out
-            .reshape((a.heads, len, hd))?
-            .transpose(0, 1)?
-            .reshape((len, a.heads * hd))?)
     }
 }

@@ -152,12 +152,12 @@ fn check(dtype: DType) {
     let all = all[0].cache.as_ref().unwrap();
     for (li, ((pk, pv), (sk, sv))) in pass
         .prefix
-        .layers
+        .layers()
         .iter()
-        .zip(&pass.suffix.layers)
+        .zip(pass.suffix.layers())
         .enumerate()
     {
-        let (ak, av) = &all.layers[li];
+        let (ak, av) = &all.layers()[li];
         for (got, whole, from, n) in [
             (pk, ak, 0, before),
             (pv, av, 0, before),

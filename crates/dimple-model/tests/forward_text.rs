@@ -1,10 +1,13 @@
 //! Text forward passes against the reference: position ids, embeddings, rotary tables,
-//! hidden states and logits, for a single sequence and a left-padded batch.
+//! hidden states and logits, for a single sequence and a left-padded batch; and the
+//! tensor-op path's padded batch (one step of mixed sequences) against each sequence alone
+//! and against the host kernels.
 
 mod common;
 
+use candle_core::{DType, Device};
 use common::*;
-use dimple_model::{SeqInput, rope_index};
+use dimple_model::{DimpleModel, KvCache, LogitRows, SeqInput, SeqOutput, TextModel, rope_index};
 
 fn check_case(case: &str) {
     let t = load_case(case);
@@ -191,7 +194,7 @@ fn scored_rows_equal_the_same_rows_of_a_full_pass() {
             _ => vec![l / 3],
         })
         .collect();
-    let seqs = |rows: &dyn Fn(usize) -> dimple_model::LogitRows| -> Vec<SeqInput<'_>> {
+    let seqs = |rows: &dyn Fn(usize) -> LogitRows| -> Vec<SeqInput<'_>> {
         inputs
             .iter()
             .enumerate()
@@ -209,15 +212,12 @@ fn scored_rows_equal_the_same_rows_of_a_full_pass() {
     };
     let full = model.forward(&seqs(&|_| (0..l).into()), None).unwrap();
     let some = model
-        .forward(
-            &seqs(&|n| dimple_model::LogitRows::List(picks[n].clone())),
-            None,
-        )
+        .forward(&seqs(&|n| LogitRows::List(picks[n].clone())), None)
         .unwrap();
     let mut trace = Vec::new();
     let traced = model
         .forward(
-            &seqs(&|n| dimple_model::LogitRows::List(picks[n].clone())),
+            &seqs(&|n| LogitRows::List(picks[n].clone())),
             Some(&mut trace),
         )
         .unwrap();
@@ -237,6 +237,203 @@ fn scored_rows_equal_the_same_rows_of_a_full_pass() {
             to_f32(&traced[row].logits),
             want,
             "row {row}: traced pass differs"
+        );
+    }
+}
+
+/// One sequence's logits and kept caches, flattened.
+#[derive(Debug, PartialEq)]
+struct Flat {
+    logits: Vec<f32>,
+    caches: Vec<Vec<f32>>,
+}
+
+fn flat(o: &SeqOutput) -> Flat {
+    let mut caches = Vec::new();
+    for c in [&o.cache, &o.suffix_cache].into_iter().flatten() {
+        for (k, v) in c.layers() {
+            caches.push(to_f32(k));
+            caches.push(to_f32(v));
+        }
+    }
+    Flat {
+        logits: to_f32(&o.logits),
+        caches,
+    }
+}
+
+/// One step of six different sequences (a whole sequence keeping a prefix and a suffix, a
+/// window over a kept prefix with key padding, a dual-cache window, two left-padded rows,
+/// a short sequence keeping a suffix), run as one call and each alone. Returns (batched,
+/// alone).
+fn mixed_step(model: &TextModel) -> (Vec<Flat>, Vec<Flat>) {
+    let cfg = config();
+    let t = load_case("forward_text");
+    let ids: Vec<u32> = to_i64(&t["input_ids"]).iter().map(|&x| x as u32).collect();
+    let l = ids.len();
+    let pos = rope_index(&ids, None, &[], &cfg).unwrap().positions;
+    let embeds = |r: std::ops::Range<usize>| model.embed_tokens(&ids[r]).unwrap();
+    let whole = |keep: (usize, usize), rows: LogitRows| SeqInput {
+        embeds: embeds(0..l),
+        positions: &pos,
+        key_valid: None,
+        prefix: None,
+        keep_prefix: keep.0,
+        suffix: None,
+        keep_suffix: keep.1,
+        logit_rows: rows,
+    };
+    // Caches from whole passes of this model: a prompt prefix as the tensor path keeps it,
+    // and a dual cache around [22, 28) rebuilt layer by layer (as another path gives it).
+    let mut prompt = model
+        .forward(&[whole((19, 0), (0..1).into())], None)
+        .unwrap();
+    let prefix = prompt[0].cache.take().expect("prefix kept");
+    let mut dual = model
+        .forward(&[whole((22, l - 28), (0..1).into())], None)
+        .unwrap();
+    let before = KvCache::new(dual[0].cache.take().expect("kept").layers().to_vec());
+    let after = KvCache::new(dual[0].suffix_cache.take().expect("kept").layers().to_vec());
+    let window_valid: Vec<bool> = (0..l).map(|j| j != 3 && j != 7).collect();
+
+    let b = load_case("forward_text_batch");
+    let (rows, lb) = b["input_ids"].dims2().unwrap();
+    let batch_ids = to_i64(&b["input_ids"]);
+    let batch_mask = to_i64(&b["attention_mask"]);
+    let padded: Vec<(Vec<u32>, Vec<bool>)> = (0..rows.min(2))
+        .map(|r| {
+            let span = r * lb..(r + 1) * lb;
+            (
+                batch_ids[span.clone()].iter().map(|&x| x as u32).collect(),
+                batch_mask[span].iter().map(|&m| m != 0).collect(),
+            )
+        })
+        .collect();
+    let padded_pos: Vec<Vec<[i64; 3]>> = padded
+        .iter()
+        .map(|(ids, valid)| rope_index(ids, Some(valid), &[], &cfg).unwrap().positions)
+        .collect();
+
+    let seq = |n: usize| -> SeqInput<'_> {
+        match n {
+            0 => whole((19, 4), (0..l).into()),
+            1 => SeqInput {
+                embeds: embeds(19..l),
+                positions: &pos[19..],
+                key_valid: Some(&window_valid),
+                prefix: Some(&prefix),
+                keep_prefix: 0,
+                suffix: None,
+                keep_suffix: 0,
+                logit_rows: (0..l - 19).into(),
+            },
+            2 => SeqInput {
+                embeds: embeds(22..28),
+                positions: &pos[22..28],
+                key_valid: None,
+                prefix: Some(&before),
+                keep_prefix: 0,
+                suffix: Some(&after),
+                keep_suffix: 0,
+                logit_rows: vec![5, 0, 3].into(),
+            },
+            3 | 4 => {
+                let (ids, valid) = &padded[n - 3];
+                SeqInput {
+                    embeds: model.embed_tokens(ids).unwrap(),
+                    positions: &padded_pos[n - 3],
+                    key_valid: Some(valid),
+                    prefix: None,
+                    keep_prefix: 0,
+                    suffix: None,
+                    keep_suffix: 0,
+                    logit_rows: (0..ids.len()).into(),
+                }
+            }
+            _ => SeqInput {
+                embeds: embeds(0..5),
+                positions: &pos[..5],
+                key_valid: None,
+                prefix: None,
+                keep_prefix: 0,
+                suffix: None,
+                keep_suffix: 2,
+                logit_rows: (1..5).into(),
+            },
+        }
+    };
+    let n = 4 + padded.len();
+    let all: Vec<SeqInput> = (0..n).map(seq).collect();
+    let batched = model
+        .forward(&all, None)
+        .unwrap()
+        .iter()
+        .map(flat)
+        .collect();
+    let alone = (0..n)
+        .map(|k| flat(&model.forward(&[seq(k)], None).unwrap()[0]))
+        .collect();
+    (batched, alone)
+}
+
+fn tensor_path(dtype: DType) -> DimpleModel {
+    let mut model = DimpleModel::load(&golden(""), dtype, &Device::Cpu).unwrap();
+    model.text.set_host_kernels(false);
+    model
+}
+
+/// Asserts `got` is within `tol` x max|want| of `want`.
+fn assert_within(name: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= tol * scale,
+        "{name}: worst |diff| {worst}, {:.2e} x max|ref| {scale}",
+        worst / scale
+    );
+}
+
+/// The tensor-op path in f32 (the GPU's path, forced on the CPU): a step of six mixed
+/// sequences gives each exactly, bit for bit, what it gives alone (padding adds exact
+/// zeros), and the host kernels' results.
+#[test]
+fn tensor_path_batch_equals_each_sequence_alone_and_the_host_kernels() {
+    let model = tensor_path(DType::F32);
+    let (batched, alone) = mixed_step(&model.text);
+    for (n, (b, a)) in batched.iter().zip(&alone).enumerate() {
+        assert!(b == a, "sequence {n}: batched and alone differ");
+    }
+    let (host, _) = mixed_step(&text_model());
+    for (n, (b, h)) in batched.iter().zip(&host).enumerate() {
+        assert_close(&format!("sequence {n} logits"), &b.logits, &h.logits);
+        assert_eq!(b.caches.len(), h.caches.len(), "sequence {n}: kept caches");
+        for (k, (bc, hc)) in b.caches.iter().zip(&h.caches).enumerate() {
+            assert_close(&format!("sequence {n} cache {k}"), bc, hc);
+        }
+    }
+}
+
+/// The same step in f16 on the tensor path: batched equals alone bit for bit, and both
+/// follow the f32 host kernels to f16 precision.
+#[test]
+fn tensor_path_batch_in_f16_equals_each_sequence_alone() {
+    let model = tensor_path(DType::F16);
+    let (batched, alone) = mixed_step(&model.text);
+    for (n, (b, a)) in batched.iter().zip(&alone).enumerate() {
+        assert!(b == a, "sequence {n}: batched and alone differ");
+    }
+    let (host, _) = mixed_step(&text_model());
+    for (n, (b, h)) in batched.iter().zip(&host).enumerate() {
+        assert_within(
+            &format!("sequence {n} logits (f16)"),
+            &b.logits,
+            &h.logits,
+            2e-2,
         );
     }
 }

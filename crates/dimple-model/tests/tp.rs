@@ -1,6 +1,7 @@
 //! Tensor parallelism on CPU: the golden tiny model (4 query / 2 kv heads) sharded over 1, 2
 //! and 4 rank threads (4 exceeds the kv heads: the replication path) reproduces every golden
-//! forward case, and degrees that cannot shard it are refused with the valid ones.
+//! forward case (text cases also on the tensor-op path), and degrees that cannot shard it
+//! are refused with the valid ones.
 
 mod common;
 
@@ -17,6 +18,15 @@ fn on_ranks<T: Send + 'static>(
     world: usize,
     f: impl Fn(&DimpleModel) -> T + Send + Sync + 'static,
 ) -> T {
+    on_ranks_with(world, true, f)
+}
+
+/// [`on_ranks`] on the host kernels (`host_kernels`) or on the tensor-op path.
+fn on_ranks_with<T: Send + 'static>(
+    world: usize,
+    host_kernels: bool,
+    f: impl Fn(&DimpleModel) -> T + Send + Sync + 'static,
+) -> T {
     let f = Arc::new(f);
     let threads: Vec<_> = LocalComm::group(world, Duration::from_secs(60))
         .into_iter()
@@ -24,9 +34,10 @@ fn on_ranks<T: Send + 'static>(
             let f = f.clone();
             std::thread::spawn(move || {
                 let comm: Arc<dyn Comm> = Arc::new(comm);
-                let model = Checkpoint::Dir(golden(""))
+                let mut model = Checkpoint::Dir(golden(""))
                     .load(DType::F32, &Device::Cpu, comm)
                     .expect("shard loads");
+                model.text.set_host_kernels(host_kernels);
                 f(&model)
             })
         })
@@ -103,7 +114,13 @@ fn sharded_forward(
 }
 
 fn check_case(world: usize, case: &'static str, images: &'static [usize]) {
-    let (hidden, logits) = on_ranks(world, move |m| sharded_forward(m, case, images));
+    check_case_on(world, true, case, images);
+}
+
+fn check_case_on(world: usize, host_kernels: bool, case: &'static str, images: &'static [usize]) {
+    let (hidden, logits) = on_ranks_with(world, host_kernels, move |m| {
+        sharded_forward(m, case, images)
+    });
     let t = load_case(case);
     let b = t["input_ids"].dims()[0];
     let l = t["input_ids"].dims()[1];
@@ -124,6 +141,17 @@ fn text_forward_matches_reference_at_every_degree() {
     for world in [1, 2, 4] {
         check_case(world, "forward_text", &[]);
         check_case(world, "forward_text_batch", &[]);
+    }
+}
+
+/// The same on the tensor-op path (forced on the CPU in f32): each rank's padded attention
+/// batch runs over its own query and kv heads (at 4 ranks, one query head reading one
+/// replicated kv head).
+#[test]
+fn text_forward_on_the_tensor_path_matches_reference_at_every_degree() {
+    for world in [1, 2, 4] {
+        check_case_on(world, false, "forward_text", &[]);
+        check_case_on(world, false, "forward_text_batch", &[]);
     }
 }
 

@@ -23,6 +23,14 @@ pub fn model() -> DimpleModel {
     DimpleModel::load(&golden(""), DType::F32, &Device::Cpu).expect("golden model loads")
 }
 
+/// The golden model on the tensor-op path (the GPU's path, forced on the CPU in f32): its
+/// passes run every sequence's attention as one padded batch.
+pub fn tensor_path_model() -> DimpleModel {
+    let mut m = model();
+    m.text.set_host_kernels(false);
+    m
+}
+
 pub fn engine(cfg: EngineConfig) -> EngineHandle {
     dimple_engine::start(model(), cfg, None)
 }
@@ -285,10 +293,21 @@ pub fn engine_with_log(
     EngineHandle,
     std::sync::Arc<std::sync::Mutex<Vec<dimple_engine::StepReport>>>,
 ) {
+    engine_with_log_on(model(), cfg)
+}
+
+/// [`engine_with_log`] over `model`.
+pub fn engine_with_log_on(
+    model: DimpleModel,
+    cfg: EngineConfig,
+) -> (
+    EngineHandle,
+    std::sync::Arc<std::sync::Mutex<Vec<dimple_engine::StepReport>>>,
+) {
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = log.clone();
     let hook = Box::new(move |r: &dimple_engine::StepReport| sink.lock().unwrap().push(*r));
-    (dimple_engine::start(model(), cfg, Some(hook)), log)
+    (dimple_engine::start(model, cfg, Some(hook)), log)
 }
 
 /// Token ids of a golden prompt from `info.json` (`p_text`, `p_text_b`, ...).
