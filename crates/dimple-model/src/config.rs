@@ -285,7 +285,7 @@ impl DimpleConfig {
                 return Err(invalid(field, "must be positive, got 0".into()));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(invalid(
                 "hidden_size",
                 format!(
@@ -294,7 +294,7 @@ impl DimpleConfig {
                 ),
             ));
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!(
@@ -305,7 +305,7 @@ impl DimpleConfig {
             ));
         }
         let head_dim = self.head_dim();
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(invalid(
                 "hidden_size",
                 format!("head_dim {head_dim} must be even"),
@@ -321,13 +321,13 @@ impl DimpleConfig {
                 ),
             ));
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return Err(invalid(
                 "rms_norm_eps",
                 format!("must be > 0, got {}", self.rms_norm_eps),
             ));
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(invalid(
                 "rope_theta",
                 format!("must be > 0, got {}", self.rope_theta),
@@ -361,7 +361,7 @@ impl DimpleConfig {
             }
         }
         let v = &self.vision_config;
-        if v.hidden_size % v.num_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_heads) {
             return Err(invalid(
                 "vision_config.hidden_size",
                 format!(
@@ -371,13 +371,16 @@ impl DimpleConfig {
             ));
         }
         let vhd = v.hidden_size / v.num_heads;
-        if vhd % 4 != 0 {
+        if !vhd.is_multiple_of(4) {
             return Err(invalid(
                 "vision_config.num_heads",
                 format!("vision head_dim {vhd} must be a multiple of 4 (2-D rotary)"),
             ));
         }
-        if v.window_size % (v.patch_size * v.spatial_merge_size) != 0 {
+        if !v
+            .window_size
+            .is_multiple_of(v.patch_size * v.spatial_merge_size)
+        {
             return Err(invalid(
                 "vision_config.window_size",
                 format!(

@@ -403,15 +403,15 @@ pub(crate) fn attention(
         if (s.row + s.len) * ow > out.len() || (s.row + s.len) * w > qkv.len() {
             return Err(ModelError::Input("attention rows outside the step".into()));
         }
-        if let Some((k, v)) = s.prefix {
-            if k.len() != nkv * s.prefix_len * hd || v.len() != k.len() {
-                return Err(ModelError::Input("prefix cache of the wrong size".into()));
-            }
+        if let Some((k, v)) = s.prefix
+            && (k.len() != nkv * s.prefix_len * hd || v.len() != k.len())
+        {
+            return Err(ModelError::Input("prefix cache of the wrong size".into()));
         }
-        if let Some((k, v)) = s.suffix {
-            if k.len() != nkv * s.suffix_len * hd || v.len() != k.len() {
-                return Err(ModelError::Input("suffix cache of the wrong size".into()));
-            }
+        if let Some((k, v)) = s.suffix
+            && (k.len() != nkv * s.suffix_len * hd || v.len() != k.len())
+        {
+            return Err(ModelError::Input("suffix cache of the wrong size".into()));
         }
         if s.key_valid
             .is_some_and(|kv| kv.len() != s.prefix_len + s.len + s.suffix_len)

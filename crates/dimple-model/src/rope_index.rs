@@ -21,14 +21,14 @@ pub fn rope_index(
     grids: &[[usize; 3]],
     cfg: &DimpleConfig,
 ) -> Result<RopeIndex> {
-    if let Some(m) = attention_mask {
-        if m.len() != ids.len() {
-            return Err(ModelError::Input(format!(
-                "attention mask has {} entries for {} ids",
-                m.len(),
-                ids.len()
-            )));
-        }
+    if let Some(m) = attention_mask
+        && m.len() != ids.len()
+    {
+        return Err(ModelError::Input(format!(
+            "attention mask has {} entries for {} ids",
+            m.len(),
+            ids.len()
+        )));
     }
     let real: Vec<usize> = (0..ids.len())
         .filter(|&i| attention_mask.is_none_or(|m| m[i]))

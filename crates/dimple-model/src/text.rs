@@ -871,15 +871,15 @@ impl TextModel {
             for (x, p) in xs.iter_mut().zip(&proj) {
                 *x += p;
             }
-            if li + 1 < self.layers.len() {
-                if let Some(t) = trace.as_deref_mut() {
-                    t.push(host_trace(&xs)?);
-                }
+            if li + 1 < self.layers.len()
+                && let Some(t) = trace.as_deref_mut()
+            {
+                t.push(host_trace(&xs)?);
             }
         }
         let norm = HostTensors::new(&[self.norm.weight()])?;
         rms_norm(&xs, norm.slice(0)?, self.norm.eps(), &mut normed[..cur * h]);
-        if let Some(t) = trace.as_deref_mut() {
+        if let Some(t) = trace {
             t.push(host_trace(&normed)?);
         }
         let lm_in: Vec<f32> = if cur == picked.len() && prune {

@@ -9,6 +9,7 @@ use candle_core::{DType, Device};
 use common::*;
 use dimple_model::{DimpleModel, KvCache, LogitRows, SeqInput, SeqOutput, TextModel, rope_index};
 
+#[allow(clippy::needless_range_loop)] // `row` indexes the reference tensors too
 fn check_case(case: &str) {
     let t = load_case(case);
     let cfg = config();

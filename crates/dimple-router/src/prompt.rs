@@ -147,6 +147,9 @@ pub enum PromptError {
 
 pub type Result<T> = std::result::Result<T, PromptError>;
 
+/// Each token's byte range `(start, end)` in the text it came from.
+pub type ByteSpans = Vec<(usize, usize)>;
+
 /// One piece of a multimodal message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ContentPart {
@@ -393,7 +396,7 @@ impl PromptBuilder {
         &self,
         messages: &[ChatMessage],
         image_token_counts: &[usize],
-    ) -> Result<(Prompt, String, Vec<(usize, usize)>)> {
+    ) -> Result<(Prompt, String, ByteSpans)> {
         let text = self.render(messages, true)?;
         // A special token the tokenizer lacks would silently become several ordinary tokens.
         for token in SpecialToken::ALL {
@@ -450,7 +453,7 @@ impl PromptBuilder {
     }
 
     /// Tokenises raw text like [`Self::encode_text`], with each id's byte offsets in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, ByteSpans)> {
         let encoding = self
             .tokenizer
             .encode(text, false)
