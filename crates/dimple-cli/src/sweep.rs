@@ -151,9 +151,16 @@ pub struct BenchArgs {
     /// Confidence threshold (`none` or 0: none).
     #[arg(long, value_parser = parse_threshold)]
     pub threshold: Option<f32>,
-    /// Prefilling (cache mode `prefix`): compute the prompt's keys and values once.
-    #[arg(long)]
+    /// Prefilling (cache mode `prefix`): compute the prompt's keys and values once. The
+    /// same as `--cache-mode prefix`.
+    #[arg(long, conflicts_with = "cache_mode")]
     pub cache: bool,
+    /// Cache mode: exact (default), prefix or dual.
+    #[arg(long)]
+    pub cache_mode: Option<String>,
+    /// Block-wise decoding: slots per block (`whole`, the default, is one block).
+    #[arg(long)]
+    pub block_length: Option<String>,
 }
 
 /// A line on stderr. Write errors (a closed pipe) are ignored: losing the log must not
@@ -795,7 +802,15 @@ pub fn run_sweep(a: SweepArgs) -> anyhow::Result<()> {
 pub fn run_bench(a: BenchArgs) -> anyhow::Result<()> {
     let grid = Grid {
         threshold: vec![a.threshold.unwrap_or(0.0)],
-        cache_mode: vec![if a.cache { "prefix" } else { "exact" }.into()],
+        cache_mode: vec![match (&a.cache_mode, a.cache) {
+            (Some(mode), _) => mode.clone(),
+            (None, true) => "prefix".into(),
+            (None, false) => "exact".into(),
+        }],
+        block_length: vec![match &a.block_length {
+            Some(b) => parse_block_length(b).map_err(|e| anyhow::anyhow!("--block-length: {e}"))?,
+            None => None,
+        }],
         concurrency: a.concurrency.clone(),
         seed: a.workload.seed,
         ..Grid::default()

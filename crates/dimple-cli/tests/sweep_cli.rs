@@ -896,6 +896,10 @@ fn defaults_work_from_anywhere_and_do_not_collide() {
         "1",
         "--threshold",
         "0.9",
+        "--cache-mode",
+        "dual",
+        "--block-length",
+        "4",
     ]);
     let folders: Vec<String> = std::fs::read_dir(&cwd)
         .unwrap()
@@ -939,8 +943,15 @@ fn defaults_work_from_anywhere_and_do_not_collide() {
         items[..6].iter().any(|it| it["image"].is_string()),
         "images are used"
     );
-    let (meta, _) = results(&cwd.join(bench));
+    let (meta, bench_rows) = results(&cwd.join(bench));
     assert_eq!(meta["title"], "Dimple bench");
+    // The bench's cache mode and block length reach its configuration and its decoding:
+    // with blocks of 4, every request takes at least one pass per block.
+    assert_eq!(bench_rows.len(), 1);
+    assert_eq!(bench_rows[0]["config"]["cache_mode"], "dual");
+    assert_eq!(bench_rows[0]["config"]["block_length"], 4);
+    let nfe = bench_rows[0]["nfe_mean"].as_f64().unwrap();
+    assert!(nfe >= 4.0, "mean NFE {nfe} with 4 blocks");
     assert!(cwd.join(bench).join("report.md").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
