@@ -14,10 +14,7 @@ fn check_case(case: &str) {
     let t = load_case(case);
     let cfg = config();
     let model = text_model();
-    let ids_t = &t["input_ids"];
-    let (b, l) = ids_t.dims2().unwrap();
-    let ids_all = to_i64(ids_t);
-    let mask_all = to_i64(&t["attention_mask"]);
+    let (b, l) = t["input_ids"].dims2().unwrap();
     let pos_ref = to_i64(&t["position_ids"]); // [3, B, L]
     let deltas_ref = to_i64(&t["rope_deltas"]);
 
@@ -28,15 +25,7 @@ fn check_case(case: &str) {
     );
 
     let mut inputs = Vec::new();
-    for row in 0..b {
-        let ids: Vec<u32> = ids_all[row * l..(row + 1) * l]
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
-        let valid: Vec<bool> = mask_all[row * l..(row + 1) * l]
-            .iter()
-            .map(|&m| m != 0)
-            .collect();
+    for (row, (ids, valid)) in case_rows(&t).into_iter().enumerate() {
         let ri = rope_index(&ids, Some(&valid), &[], &cfg).unwrap();
         for c in 0..3 {
             let want = &pos_ref[(c * b + row) * l..(c * b + row + 1) * l];
@@ -173,21 +162,13 @@ fn scored_rows_equal_the_same_rows_of_a_full_pass() {
     let cfg = config();
     let model = text_model();
     let (b, l) = t["input_ids"].dims2().unwrap();
-    let ids_all = to_i64(&t["input_ids"]);
-    let mask_all = to_i64(&t["attention_mask"]);
-    let mut inputs = Vec::new();
-    for row in 0..b {
-        let ids: Vec<u32> = ids_all[row * l..(row + 1) * l]
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
-        let valid: Vec<bool> = mask_all[row * l..(row + 1) * l]
-            .iter()
-            .map(|&m| m != 0)
-            .collect();
-        let ri = rope_index(&ids, Some(&valid), &[], &cfg).unwrap();
-        inputs.push((model.embed_tokens(&ids).unwrap(), ri.positions, valid));
-    }
+    let inputs: Vec<_> = case_rows(&t)
+        .into_iter()
+        .map(|(ids, valid)| {
+            let ri = rope_index(&ids, Some(&valid), &[], &cfg).unwrap();
+            (model.embed_tokens(&ids).unwrap(), ri.positions, valid)
+        })
+        .collect();
     let picks: Vec<Vec<usize>> = (0..b)
         .map(|row| match row % 3 {
             0 => vec![l - 1, 2, l / 2, 0],

@@ -58,10 +58,7 @@ fn sharded_forward(
 ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
     let t = load_case(case);
     let cfg = model.config().clone();
-    let ids_t = &t["input_ids"];
-    let (b, l) = ids_t.dims2().unwrap();
-    let ids_all = to_i64(ids_t);
-    let mask_all = to_i64(&t["attention_mask"]);
+    let l = t["input_ids"].dims2().unwrap().1;
     let (pv, grids) = if images.is_empty() {
         (None, Vec::new())
     } else {
@@ -70,15 +67,7 @@ fn sharded_forward(
     };
     let features = pv.map(|pv| model.encode_images(&pv, &grids).unwrap());
     let mut rows = Vec::new();
-    for row in 0..b {
-        let ids: Vec<u32> = ids_all[row * l..(row + 1) * l]
-            .iter()
-            .map(|&x| x as u32)
-            .collect();
-        let valid: Vec<bool> = mask_all[row * l..(row + 1) * l]
-            .iter()
-            .map(|&m| m != 0)
-            .collect();
+    for (ids, valid) in case_rows(&t) {
         let ri = rope_index(&ids, Some(&valid), &grids, &cfg).unwrap();
         let embeds = model.embed(&ids, features.as_ref()).unwrap();
         rows.push((embeds, ri.positions, valid));

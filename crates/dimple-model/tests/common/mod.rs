@@ -44,6 +44,22 @@ pub fn to_i64(t: &Tensor) -> Vec<i64> {
     t.flatten_all().unwrap().to_vec1::<i64>().unwrap()
 }
 
+/// Each row of a case's `input_ids` with its `attention_mask` as key validity.
+pub fn case_rows(t: &HashMap<String, Tensor>) -> Vec<(Vec<u32>, Vec<bool>)> {
+    let (b, l) = t["input_ids"].dims2().unwrap();
+    let ids = to_i64(&t["input_ids"]);
+    let mask = to_i64(&t["attention_mask"]);
+    (0..b)
+        .map(|row| {
+            let r = row * l..(row + 1) * l;
+            (
+                ids[r.clone()].iter().map(|&x| x as u32).collect(),
+                mask[r].iter().map(|&m| m != 0).collect(),
+            )
+        })
+        .collect()
+}
+
 /// Asserts `got` is within 1e-4 x max|want| of `want`, element by element.
 pub fn assert_close(name: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{name}: length");
