@@ -218,6 +218,25 @@ Refuses `extraArgs` that repeat a flag the chart sets: the binary would refuse i
 {{- end }}
 
 {{/*
+Refuses a router whose listeners would share a port: the second bind fails at start. Usage:
+  include "dimple.checkRouterPorts" .Values.router
+*/}}
+{{- define "dimple.checkRouterPorts" -}}
+{{- $ports := dict "router.port" .port "router.metricsPort" .metricsPort "router.healthPort" .healthPort }}
+{{- if .http.enabled }}
+{{- $_ := set $ports "router.http.port" .http.port }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $name, $port := $ports }}
+{{- $key := toString (int $port) }}
+{{- if hasKey $seen $key }}
+{{- fail (printf "%s and %s are both %s: each router listener needs its own port" (get $seen $key) $name $key) }}
+{{- end }}
+{{- $_ := set $seen $key $name }}
+{{- end }}
+{{- end }}
+
+{{/*
 Refuses a termination grace period that ends the drain early. Usage:
   include "dimple.checkDrain" (list "router" .Values.router)
 */}}
