@@ -129,7 +129,7 @@ echo "golden parity: $passed passed, $failed failed"
 [ "$failed" -eq 0 ] || status=1
 
 if [ -z "${SKIP_BENCH:-}" ]; then
-    echo "== speed: Dimple-7B shape, random ${BENCH_DTYPE:-bf16} weights, tp 1, 64 response slots"
+    echo "== speed: ${BENCH_SHAPE:-7b} shape (7b: Dimple-7B), random ${BENCH_DTYPE:-bf16} weights, tp 1, 64 response slots"
     # Per-step time, slots/s and model FLOP utilisation (useful FLOP/s over the H200's dense
     # bf16 peak, BENCH_PEAK_TFLOPS) at 1, 8 and 32 concurrent requests, exact and cached;
     # first, batch invariance: one request alone and in a batch of 8 must decode alike.
