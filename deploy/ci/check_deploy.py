@@ -70,22 +70,28 @@ PLAIN_HEADER = (
     "# (the chart's default values). Do not edit: change the chart, or patch with kustomize.\n"
 )
 
-# The flags of /tmp/briefs/cli_contract.md, used when no dimple binary with these subcommands
-# is built. `help` and `version` are clap's own.
+# The flags of `dimple router --help` and `dimple worker --help` (without clap's `help` and
+# `version`), used when no dimple binary is built; with one, the flag check fails when they
+# differ from its help.
 CONTRACT_FLAGS = {
     "router": {
-        "listen", "metrics-listen", "model", "assets-from-workers", "workers", "etcd-endpoints",
+        "listen", "log-format", "http-listen", "max-bytes-per-token", "metrics-listen",
+        "health-listen", "model", "assets-from-workers", "workers", "etcd-endpoints",
         "etcd-prefix", "tls-cert", "tls-key", "api-keys-file", "request-timeout-secs",
-        "max-message-bytes", "drain-timeout-secs",
+        "max-message-bytes", "max-pending", "internal-tls-cert", "internal-tls-key",
+        "internal-tls-ca", "etcd-ca", "etcd-cert", "etcd-key", "etcd-user",
+        "etcd-password-file", "drain-timeout-secs",
     },
     "worker": {
-        "listen", "advertise-addr", "metrics-listen", "model", "device", "tp", "dtype",
-        "etcd-endpoints", "etcd-prefix", "lease-ttl-secs", "max-active", "max-waiting",
-        "cache-budget-bytes", "max-new-tokens-limit", "max-prompt-tokens", "max-message-bytes",
-        "drain-timeout-secs",
+        "listen", "log-format", "advertise-addr", "metrics-listen", "health-listen", "model",
+        "tp", "device", "dtype", "etcd-endpoints", "etcd-prefix", "lease-ttl-secs",
+        "max-active", "max-waiting", "cache-budget-bytes", "max-new-tokens-limit",
+        "max-steps-limit", "max-prompt-tokens", "step-watchdog-secs", "internal-tls-cert",
+        "internal-tls-key", "internal-tls-ca", "etcd-ca", "etcd-cert", "etcd-key", "etcd-user",
+        "etcd-password-file", "drain-timeout-secs", "max-message-bytes",
     },
 }
-CONTRACT_PORTS = {50051, 9090, 50061, 9091}
+CONTRACT_PORTS = {50051, 8080, 9090, 50061, 9091}
 
 # Expectations per values file, derived by hand from the file (not from the chart's templates).
 IMG = "registry.example.com/dimple/dimple"
@@ -1041,6 +1047,8 @@ def main():
             for sub in ("router", "worker"):
                 missing = CONTRACT_FLAGS[sub] - allowed[sub]
                 assert not missing, f"`dimple {sub} --help` lacks contract flags {sorted(missing)}"
+                extra = allowed[sub] - CONTRACT_FLAGS[sub]
+                assert not extra, f"CONTRACT_FLAGS[{sub!r}] lacks `dimple {sub}` flags {sorted(extra)}"
 
     report.check("every flag the chart can emit is accepted by the binary", flags_known)
 
