@@ -79,54 +79,23 @@ pub(crate) struct Mat {
     pub stride: usize,
 }
 
-/// `out[m, n] (+)= x[m, k] * w[k, n]` with `w` a layer's transposed weight: row-major
-/// `x` and `out` at the given strides, contiguous `w`. `accumulate` adds to what `out`
-/// holds.
+/// `out[m, n] = x[m, k] * w[k, n]`: a linear layer on `m` packed rows, `w` its transposed
+/// weight; all three contiguous and row-major. Large products split over the current pool.
 ///
-/// Panics (a bug, not an input error) when a view reaches outside its slice.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
-    x: &[f32],
-    xm: Mat,
-    w: &[f32],
-    wm: Mat,
-    out: &mut [f32],
-    out_stride: usize,
-    accumulate: bool,
-    par: bool,
-) {
-    let (k, n) = (xm.cols, wm.cols);
-    assert_eq!(wm.rows, k, "inner dimensions differ");
-    assert!(
-        wm.rows * wm.stride <= w.len() && wm.cols <= wm.stride,
-        "rhs outside its data"
-    );
-    gemm_into(
-        x,
-        xm,
-        w.as_ptr(),
-        (wm.stride as isize, 1),
-        n,
-        out,
-        out_stride,
-        accumulate,
-        par,
-    );
+/// Panics (a bug, not an input error) when a slice is shorter than its shape.
+pub(crate) fn linear(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: &mut [f32]) {
+    assert_eq!(w.len(), k * n, "weight of the wrong size");
+    let xm = Mat {
+        rows: m,
+        cols: k,
+        stride: k,
+    };
+    gemm_into(x, xm, w.as_ptr(), (n as isize, 1), n, out, n, true);
 }
 
-/// `out[m, n] (+)= x[m, k] * w[n, k]^T` (`w` rows at stride `wm.stride`): a product against
-/// keys stored one per row.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul_t(
-    x: &[f32],
-    xm: Mat,
-    w: &[f32],
-    wm: Mat,
-    out: &mut [f32],
-    out_stride: usize,
-    accumulate: bool,
-    par: bool,
-) {
+/// `out[m, n] = x[m, k] * w[n, k]^T` (`w` rows at stride `wm.stride`) on the calling
+/// thread: a product against keys stored one per row.
+fn matmul_t(x: &[f32], xm: Mat, w: &[f32], wm: Mat, out: &mut [f32], out_stride: usize) {
     let (k, n) = (xm.cols, wm.rows);
     assert_eq!(wm.cols, k, "inner dimensions differ");
     if n > 0 {
@@ -143,13 +112,13 @@ pub(crate) fn matmul_t(
         n,
         out,
         out_stride,
-        accumulate,
-        par,
+        false,
     );
 }
 
-/// The shared body of the products: `rhs` addresses element (kk, j) at
-/// `kk * rhs_strides.0 + j * rhs_strides.1` (checked by the callers).
+/// The shared body of the products, `out = x * rhs`: `rhs` addresses element (kk, j) at
+/// `kk * rhs_strides.0 + j * rhs_strides.1` (checked by the callers); `par` lets large
+/// products split over the current pool.
 #[allow(clippy::too_many_arguments)]
 fn gemm_into(
     x: &[f32],
@@ -159,7 +128,6 @@ fn gemm_into(
     n: usize,
     out: &mut [f32],
     out_stride: usize,
-    accumulate: bool,
     par: bool,
 ) {
     let (m, k) = (xm.rows, xm.cols);
@@ -188,7 +156,7 @@ fn gemm_into(
             rhs_strides,
             (out.as_mut_ptr(), out_stride),
             (m, n, k),
-            accumulate,
+            false,
             parallelism,
         );
     }
@@ -448,7 +416,7 @@ pub(crate) fn attention(
                 cols: hd,
                 stride: hd,
             };
-            matmul_t(q, qm, k, km, &mut scores, keys, false, false);
+            matmul_t(q, qm, k, km, &mut scores, keys);
         }
         let k = &qkv[s.row * w + (nh + kvh) * hd..];
         let km = Mat {
@@ -456,16 +424,7 @@ pub(crate) fn attention(
             cols: hd,
             stride: w,
         };
-        matmul_t(
-            q,
-            qm,
-            k,
-            km,
-            &mut scores[s.prefix_len..],
-            keys,
-            false,
-            false,
-        );
+        matmul_t(q, qm, k, km, &mut scores[s.prefix_len..], keys);
         if let Some((sk, _)) = s.suffix {
             let k = &sk[kvh * s.suffix_len * hd..(kvh + 1) * s.suffix_len * hd];
             let km = Mat {
@@ -473,16 +432,7 @@ pub(crate) fn attention(
                 cols: hd,
                 stride: hd,
             };
-            matmul_t(
-                q,
-                qm,
-                k,
-                km,
-                &mut scores[s.prefix_len + s.len..],
-                keys,
-                false,
-                false,
-            );
+            matmul_t(q, qm, k, km, &mut scores[s.prefix_len + s.len..], keys);
         }
         for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
             let qi = s.prefix_len + q0 + i;
@@ -755,24 +705,7 @@ mod tests {
             let mut ours = vec![0f32; m * n];
             p.matmul(&x[..m * k], m, &mut ours);
             let mut reference = vec![0f32; m * n];
-            matmul(
-                &x[..m * k],
-                Mat {
-                    rows: m,
-                    cols: k,
-                    stride: k,
-                },
-                &w,
-                Mat {
-                    rows: k,
-                    cols: n,
-                    stride: n,
-                },
-                &mut reference,
-                n,
-                false,
-                true,
-            );
+            linear(&x[..m * k], &w, (m, k, n), &mut reference);
             let differ = ours
                 .iter()
                 .zip(&reference)

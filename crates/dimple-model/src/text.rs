@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 
 use crate::attention::{Heads, StepAttention};
 use crate::cpu::{
-    self, HeadLayout, HostTensors, Mat, SeqKeys, add_bias, rms_norm, rope_in_place, silu_mul,
+    self, HeadLayout, HostTensors, SeqKeys, add_bias, rms_norm, rope_in_place, silu_mul,
 };
 use crate::tp::{
     ColumnParallelLinear, Comm, RowParallelLinear, Shard, SingleComm, TpLayout,
@@ -690,11 +690,18 @@ impl TextModel {
             hd: first.attn.head_dim,
         };
         let (qw, ow, inter) = (lay.qkv_width(), lay.heads * lay.hd, first.mlp.inter);
+        // Each sequence's embeddings copied once, straight into the packed rows.
         let embeds: Vec<Tensor> = seqs
             .iter()
-            .map(|s| s.embeds.to_dtype(DType::F32))
+            .map(|s| s.embeds.to_dtype(DType::F32)?.contiguous())
             .collect::<candle_core::Result<_>>()?;
-        let mut xs: Vec<f32> = Tensor::cat(&embeds, 0)?.flatten_all()?.to_vec1()?;
+        let mut xs: Vec<f32> = Vec::with_capacity(total * h);
+        {
+            let host = HostTensors::new(&embeds.iter().collect::<Vec<_>>())?;
+            for i in 0..embeds.len() {
+                xs.extend_from_slice(host.slice(i)?);
+            }
+        }
         drop(embeds);
         let (cos, sin) = self.rope.host_tables(all_pos);
         let mut rows = Vec::with_capacity(seqs.len());
@@ -723,11 +730,6 @@ impl TextModel {
             .flat_map(|(s, &base)| s.logit_rows.rows().into_iter().map(move |r| base + r))
             .collect();
         let prune = trace.is_none();
-        let plain = |rows: usize, cols: usize| Mat {
-            rows,
-            cols,
-            stride: cols,
-        };
         let mut cur = total;
         for (li, layer) in self.layers.iter().enumerate() {
             let narrow = prune && li + 1 == self.layers.len();
@@ -766,16 +768,7 @@ impl TextModel {
             }
             let host = HostTensors::new(&tensors)?;
             rms_norm(&xs, host.slice(0)?, layer.input_norm.eps(), &mut normed);
-            cpu::matmul(
-                &normed,
-                plain(total, h),
-                host.slice(1)?,
-                plain(h, qw),
-                &mut qkv,
-                qw,
-                false,
-                true,
-            );
+            cpu::linear(&normed, host.slice(1)?, (total, h, qw), &mut qkv);
             if let Some(b) = qkv_bias {
                 add_bias(&mut qkv, host.slice(b)?);
             }
@@ -826,15 +819,11 @@ impl TextModel {
                 let picked_att = gather(&att, ow);
                 att[..cur * ow].copy_from_slice(&picked_att);
             }
-            cpu::matmul(
+            cpu::linear(
                 &att[..cur * ow],
-                plain(cur, ow),
                 host.slice(3)?,
-                plain(ow, h),
+                (cur, ow, h),
                 &mut proj[..cur * h],
-                h,
-                false,
-                true,
             );
             self.reduce_rows(&a.o, &mut proj[..cur * h], cur)?;
             for (x, p) in xs.iter_mut().zip(&proj) {
@@ -846,26 +835,18 @@ impl TextModel {
                 layer.post_norm.eps(),
                 &mut normed[..cur * h],
             );
-            cpu::matmul(
+            cpu::linear(
                 &normed[..cur * h],
-                plain(cur, h),
                 host.slice(4)?,
-                plain(h, 2 * inter),
+                (cur, h, 2 * inter),
                 &mut gu[..cur * 2 * inter],
-                2 * inter,
-                false,
-                true,
             );
             silu_mul(&gu[..cur * 2 * inter], inter, &mut act[..cur * inter]);
-            cpu::matmul(
+            cpu::linear(
                 &act[..cur * inter],
-                plain(cur, inter),
                 host.slice(5)?,
-                plain(inter, h),
+                (cur, inter, h),
                 &mut proj[..cur * h],
-                h,
-                false,
-                true,
             );
             self.reduce_rows(&m.down, &mut proj[..cur * h], cur)?;
             for (x, p) in xs.iter_mut().zip(&proj) {
@@ -901,15 +882,11 @@ impl TextModel {
         let mut logits = vec![0f32; picked.len() * vocab];
         match &self.lm_panels {
             Some(p) => p.matmul(&lm_in, picked.len(), &mut logits),
-            None => cpu::matmul(
+            None => cpu::linear(
                 &lm_in,
-                plain(picked.len(), h),
                 host.slice(0)?,
-                plain(h, vocab),
+                (picked.len(), h, vocab),
                 &mut logits,
-                vocab,
-                false,
-                true,
             ),
         }
         if tensors.len() > 1 {
