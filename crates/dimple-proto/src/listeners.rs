@@ -52,3 +52,46 @@ pub async fn health_services(
     }
     (reporter, service, ProbeGuard { _stop: stop })
 }
+
+/// A server's readiness status as last published.
+pub struct Readiness {
+    health: HealthReporter,
+    service: &'static str,
+    published: Option<bool>,
+}
+
+impl Readiness {
+    pub fn new(health: HealthReporter, service: &'static str) -> Self {
+        Self {
+            health,
+            service,
+            published: None,
+        }
+    }
+
+    /// Publishes SERVING or NOT_SERVING when `ready` differs from what was published last.
+    /// Answers false when the server is draining (`draining()`), after which its caller
+    /// stops: the drain sets NOT_SERVING itself, and one that began while a status was being
+    /// published gets NOT_SERVING put back.
+    pub async fn update(&mut self, ready: bool, draining: impl Fn() -> bool) -> bool {
+        if draining() {
+            return false;
+        }
+        if self.published != Some(ready) {
+            let status = if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            self.health.set_service_status(self.service, status).await;
+            self.published = Some(ready);
+            if draining() {
+                self.health
+                    .set_service_status(self.service, ServingStatus::NotServing)
+                    .await;
+                return false;
+            }
+        }
+        true
+    }
+}

@@ -332,29 +332,13 @@ async fn publish_readiness(
     mut draining: watch::Receiver<bool>,
 ) {
     let mut workers = pool.subscribe();
-    let mut published = None;
+    let mut readiness = dimple_proto::listeners::Readiness::new(health, SERVICE_NAME);
     loop {
         // Some worker known, or an in-process backend that takes requests.
         let ready =
             !pool.is_empty() || (frontend.backend().replicas() > 0 && frontend.backend().ready());
-        if *draining.borrow() {
+        if !readiness.update(ready, || *draining.borrow()).await {
             return;
-        }
-        if published != Some(ready) {
-            let status = if ready {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            health.set_service_status(SERVICE_NAME, status).await;
-            published = Some(ready);
-            // A drain that began meanwhile set NOT_SERVING first: keep that.
-            if *draining.borrow() {
-                health
-                    .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-                    .await;
-                return;
-            }
         }
         tokio::select! {
             r = workers.changed() => if r.is_err() { return },

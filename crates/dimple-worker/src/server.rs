@@ -268,27 +268,11 @@ async fn publish_readiness(
     health: tonic_health::server::HealthReporter,
     mut registered: Option<tokio::sync::watch::Receiver<bool>>,
 ) {
-    let mut published = None;
+    let mut readiness = dimple_proto::listeners::Readiness::new(health, SERVICE_NAME);
     loop {
-        if worker.is_draining() {
-            return;
-        }
         let ready = worker.is_ready() && registered.as_ref().is_none_or(|r| *r.borrow());
-        if published != Some(ready) {
-            let status = if ready {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            health.set_service_status(SERVICE_NAME, status).await;
-            published = Some(ready);
-            // A drain that began meanwhile set NOT_SERVING first: keep that.
-            if worker.is_draining() {
-                health
-                    .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-                    .await;
-                return;
-            }
+        if !readiness.update(ready, || worker.is_draining()).await {
+            return;
         }
         match registered.as_mut() {
             Some(r) => {
