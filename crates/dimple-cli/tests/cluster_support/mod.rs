@@ -253,7 +253,13 @@ pub fn router_config(discovery: Discovery) -> RouterConfig {
 }
 
 impl RouterProc {
+    /// A router serving on a loopback port; with static discovery, once its pool holds the
+    /// listed workers (the pool is filled by a task of its own).
     pub async fn start(cfg: RouterConfig) -> Self {
+        let statics = match &cfg.discovery {
+            Discovery::Static(addrs) => Some(addrs.clone()),
+            _ => None,
+        };
         let registry = Registry::new();
         let router =
             Router::new(PromptBuilder::builtin().unwrap(), cfg, &registry).expect("router builds");
@@ -276,13 +282,17 @@ impl RouterProc {
         let served = tokio::spawn(dimple_router::serve(listener, router, async {
             let _ = stop_rx.await;
         }));
-        Self {
+        let router = Self {
             addr,
             metrics_addr,
             pool,
             stop: Some(stop),
             served: Some(served),
+        };
+        if let Some(addrs) = statics {
+            router.wait_for_addrs(addrs, Duration::from_secs(5)).await;
         }
+        router
     }
 
     pub async fn client(&self) -> DimpleClient<Channel> {
@@ -297,8 +307,13 @@ impl RouterProc {
 
     /// Waits until the router knows exactly `addrs` (order ignored).
     pub async fn wait_for_workers(&self, addrs: &[SocketAddr], within: Duration) {
-        let mut want: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        self.wait_for_addrs(addrs.iter().map(|a| a.to_string()).collect(), within)
+            .await;
+    }
+
+    async fn wait_for_addrs(&self, mut want: Vec<String>, within: Duration) {
         want.sort();
+        want.dedup();
         let t = Instant::now();
         loop {
             let mut got = self.pool.addrs();
