@@ -698,7 +698,7 @@ mod tests {
         }
     }
 
-    fn frontend(text_jobs: usize) -> Frontend {
+    fn frontend(cfg: FrontendConfig) -> Frontend {
         let metrics = RouterMetrics::new(&prometheus::Registry::new()).unwrap();
         Frontend::new(
             Arc::new(ModelOnly),
@@ -707,10 +707,7 @@ mod tests {
                 crate::validate::ImageLimits::default(),
             ),
             Arc::new(metrics),
-            FrontendConfig {
-                text_jobs,
-                ..FrontendConfig::default()
-            },
+            cfg,
         )
     }
 
@@ -720,7 +717,10 @@ mod tests {
 
     #[tokio::test]
     async fn saturated_text_pool_answers_resource_exhausted_at_once() {
-        let f = frontend(1);
+        let f = frontend(FrontendConfig {
+            text_jobs: 1,
+            ..FrontendConfig::default()
+        });
         assert!(f.prepare(text("hello")).await.is_ok());
         // Every text worker busy: a new request is refused, not queued behind them.
         let held = f.text_jobs.clone().try_acquire_owned().unwrap();
@@ -742,19 +742,10 @@ mod tests {
 
     #[tokio::test]
     async fn max_pending_refuses_beyond_the_limit_until_a_request_ends() {
-        let metrics = RouterMetrics::new(&prometheus::Registry::new()).unwrap();
-        let f = Frontend::new(
-            Arc::new(ModelOnly),
-            Validator::new(
-                Arc::new(PromptBuilder::builtin().unwrap()),
-                crate::validate::ImageLimits::default(),
-            ),
-            Arc::new(metrics),
-            FrontendConfig {
-                max_pending: 1,
-                ..FrontendConfig::default()
-            },
-        );
+        let f = frontend(FrontendConfig {
+            max_pending: 1,
+            ..FrontendConfig::default()
+        });
         let first = f.prepare(text("hello")).await.unwrap();
         let e = f.prepare(text("hello")).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
@@ -768,7 +759,10 @@ mod tests {
 
     #[test]
     fn client_deadlines_are_shortened_by_a_small_margin() {
-        let f = frontend(1);
+        let f = frontend(FrontendConfig {
+            text_jobs: 1,
+            ..FrontendConfig::default()
+        });
         let now = Instant::now();
         let d = f.deadline(Some(Duration::from_secs(10))) - now;
         assert!(
@@ -786,7 +780,10 @@ mod tests {
 
     #[tokio::test]
     async fn text_work_runs_off_the_async_threads() {
-        let f = frontend(4);
+        let f = frontend(FrontendConfig {
+            text_jobs: 4,
+            ..FrontendConfig::default()
+        });
         let runtime_thread = std::thread::current().id();
         let job_thread = f
             .text_job(false, || Ok(std::thread::current().id()))
