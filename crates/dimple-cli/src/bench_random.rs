@@ -72,6 +72,11 @@ pub struct BenchRandomArgs {
     /// others (all at once), and fail unless its tokens are the same.
     #[arg(long)]
     pub check_invariance: Option<usize>,
+    /// Write this shape's random model as a model directory (`config.json`, the weights as
+    /// `model.safetensors` in `--dtype`, a tokenizer covering the vocabulary, generation and
+    /// image settings) and exit without measuring: `dimple serve --model DIR` serves it.
+    #[arg(long, value_name = "DIR")]
+    pub save_model: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub ranks: RankArgs,
 }
@@ -258,6 +263,19 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
     let cfg = shape(&a.shape)?;
     let group = a.ranks.group()?;
+    if let Some(dir) = &a.save_model {
+        let started = Instant::now();
+        crate::random_model::write(&cfg, group.dtype, dir)?;
+        println!(
+            "wrote the random {} model ({:?}) to {} in {:.1} s; serve it with `dimple serve --model {}`",
+            a.shape,
+            group.dtype,
+            dir.display(),
+            started.elapsed().as_secs_f64(),
+            dir.display()
+        );
+        return Ok(());
+    }
     let device = match group.devices {
         GroupDevices::Cpu => Device::Cpu,
         GroupDevices::Cuda { first_ordinal } => Device::new_cuda(first_ordinal)?,

@@ -7,6 +7,7 @@ mod device;
 mod generate;
 mod logging;
 mod model_source;
+mod random_model;
 mod remote;
 mod router;
 mod serve;

@@ -394,3 +394,77 @@ fn prior_templates_decode_in_process() {
     let first = ids(&out["history"][0]);
     assert_eq!(first[..ab.len()], ab[..], "fixed before the first step");
 }
+
+#[test]
+fn a_saved_random_model_directory_serves_prompts_end_to_end() {
+    let dir = std::env::temp_dir().join(format!("dimple-random-model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dimple = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_dimple"));
+        c.env_remove("DIMPLE_TP")
+            .env_remove("DIMPLE_DEVICE")
+            .env_remove("DIMPLE_DTYPE")
+            .env_remove("DIMPLE_MODEL");
+        c
+    };
+    let saved = dimple()
+        .args([
+            "bench-random",
+            "--shape",
+            "small",
+            "--device",
+            "cpu",
+            "--save-model",
+        ])
+        .arg(&dir)
+        .output()
+        .expect("the dimple binary runs");
+    assert!(
+        saved.status.success(),
+        "saving failed: {}",
+        String::from_utf8_lossy(&saved.stderr)
+    );
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "preprocessor_config.json",
+    ] {
+        assert!(dir.join(file).is_file(), "{file} missing");
+    }
+
+    // A chat prompt (the template's special tokens must resolve to the shape's ids) decodes
+    // over the saved weights, and every id the model produces decodes to text.
+    let out = dimple()
+        .args(["generate", "--device", "cpu", "--model"])
+        .arg(&dir)
+        .args([
+            "What is in the picture?",
+            "--max-new-tokens",
+            "8",
+            "--steps",
+            "4",
+            "--json",
+        ])
+        .output()
+        .expect("the dimple binary runs");
+    assert!(
+        out.status.success(),
+        "generate failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    let ids: Vec<u64> = v["response_ids"]
+        .as_array()
+        .expect("response ids")
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 8, "{v}");
+    let text = v["text"].as_str().expect("text");
+    for id in ids.iter().filter(|&&id| id < 8192 - 16) {
+        assert!(text.contains(&format!("<t{id}>")), "{id} not in {text:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -8,9 +8,11 @@
 //! sequence's full score matrix exists at once), one fused gate/up projection, and the
 //! `lm_head` only over the rows that are scored.
 //!
-//! Every matrix product goes through `gemm` (AVX-512 kernels where the processor has them,
-//! chosen at run time). Work is spread over the current rayon pool: large products split
-//! inside `gemm`, attention splits over (sequence, head) pairs. Each output element is
+//! The layers' products run on [`PanelMatrix`] weights (packed once at load, AVX-512) where
+//! the processor has AVX-512, and through `gemm` elsewhere; attention's products always go
+//! through `gemm` (its AVX-512 kernels chosen at run time). Work is spread over the current
+//! rayon pool: products split over (column panel, block of rows) tasks or inside `gemm`,
+//! attention over (sequence, head) pairs. Each output element is
 //! computed the same way whatever else shares the step, so a sequence's result does not
 //! depend on its batch.
 
@@ -500,18 +502,21 @@ pub(crate) fn attention(
 const PANEL: usize = 64;
 /// Rows of `x` per register tile of the panel kernel.
 const TILE_ROWS: usize = 6;
-/// Panels per parallel task.
-const PANELS_PER_TASK: usize = 4;
+/// Rows per parallel task (8 tiles): with one panel, the unit of work the pool shares out.
+const TASK_ROWS: usize = 8 * TILE_ROWS;
+/// Fewest tasks one thread takes at a time.
+const MIN_TASKS: usize = 4;
 
 /// A `[k, n]` weight stored as column panels `[n / 64][k][64]` (the last panel padded with
-/// zeros), for products with few rows against a wide matrix (the `lm_head`).
+/// zeros): the layout the host step's products read, laid out once at load.
 ///
-/// `gemm` repacks its right operand at every call; with a handful of rows and a 32768-wide
-/// vocabulary that repacking, and the page-strided reads it does, cost more than the
-/// arithmetic. Here the panels are laid out once, at load, and each is streamed once per
-/// product. Each output element is one fused multiply-add chain over `k` in order, started
-/// from zero: the same value `gemm` gives while `k` fits in one of its depth blocks (at
-/// least 512), and the same value whatever rows share the product.
+/// `gemm` packs both operands at every call: with the few hundred rows of a decoding step
+/// that packing is a tenth of the step, and against the 32768-wide `lm_head` its
+/// page-strided reads cost more than the arithmetic. Here each panel is streamed from
+/// memory as it lies and each row of `x` is read in place. Each output element is one
+/// fused multiply-add chain over `k` in order, started from zero: the same value `gemm`
+/// gives while `k` fits in one of its depth blocks (at least 512), and the same value
+/// whatever rows share the product.
 pub(crate) struct PanelMatrix {
     data: Vec<f32>,
     k: usize,
@@ -539,7 +544,7 @@ impl PanelMatrix {
         Some(Self { data, k, n })
     }
 
-    fn supported() -> bool {
+    pub fn supported() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             std::arch::is_x86_feature_detected!("avx512f")
@@ -550,7 +555,33 @@ impl PanelMatrix {
         }
     }
 
+    /// Inner dimension (rows of the weight).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Outer dimension (columns of the weight).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// The weight back in its `[k, n]` row-major layout.
+    pub fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut w = vec![0f32; k * n];
+        w.par_chunks_mut(n).enumerate().for_each(|(kk, row)| {
+            for (p, cols) in row.chunks_mut(PANEL).enumerate() {
+                let at = (p * k + kk) * PANEL;
+                cols.copy_from_slice(&self.data[at..at + cols.len()]);
+            }
+        });
+        w
+    }
+
     /// `out[m, n] = x[m, k] * w` (`x` and `out` row-major and contiguous).
+    ///
+    /// Work is shared out as (panel, block of rows) tasks over the current pool, panel by
+    /// panel so that a thread's consecutive tasks reuse the panel it just read.
     ///
     /// Panics (a bug, not an input error) when the slices do not hold `m` rows.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
@@ -563,20 +594,32 @@ impl PanelMatrix {
             return;
         }
         let panels = n.div_ceil(PANEL);
+        let blocks = m.div_ceil(TASK_ROWS);
         let dst = SendPtr(out.as_mut_ptr());
-        (0..panels.div_ceil(PANELS_PER_TASK))
+        (0..panels * blocks)
             .into_par_iter()
+            .with_min_len(MIN_TASKS)
             .for_each(|t| {
-                for p in t * PANELS_PER_TASK..((t + 1) * PANELS_PER_TASK).min(panels) {
-                    let c0 = p * PANEL;
-                    let width = PANEL.min(n - c0);
-                    let panel = &self.data[p * k * PANEL..(p + 1) * k * PANEL];
-                    // SAFETY: `pack` only builds a matrix on a processor with AVX-512; the
-                    // task writes columns `c0 ..+ width` of the `m` rows of `out` (disjoint
-                    // from every other task, inside `out` as asserted above), and reads
-                    // `m` rows of `k` values of `x` and one whole panel.
-                    unsafe { panel_product(x, m, k, panel, dst.get().add(c0), n, width) };
-                }
+                let (p, b) = (t / blocks, t % blocks);
+                let (c0, r0) = (p * PANEL, b * TASK_ROWS);
+                let rows = TASK_ROWS.min(m - r0);
+                let width = PANEL.min(n - c0);
+                let panel = &self.data[p * k * PANEL..(p + 1) * k * PANEL];
+                // SAFETY: `pack` only builds a matrix on a processor with AVX-512; the task
+                // writes columns `c0 ..+ width` of rows `r0 ..+ rows` of `out` (disjoint from
+                // every other task, inside `out` as asserted above), and reads those rows of
+                // `x` and one whole panel.
+                unsafe {
+                    panel_product(
+                        &x[r0 * k..(r0 + rows) * k],
+                        rows,
+                        k,
+                        panel,
+                        dst.get().add(r0 * n + c0),
+                        n,
+                        width,
+                    )
+                };
             });
     }
 }
@@ -698,10 +741,11 @@ mod tests {
             );
             return;
         };
-        let x = values(40 * k, 2);
+        assert_eq!(p.unpack(), w, "unpacking does not give the weight back");
+        let x = values(100 * k, 2);
         let mut alone = vec![0f32; n];
         p.matmul(&x[7 * k..8 * k], 1, &mut alone);
-        for m in [1, 5, 6, 7, 13, 33, 40] {
+        for m in [1, 5, 6, 7, 13, 33, 40, 100] {
             let mut ours = vec![0f32; m * n];
             p.matmul(&x[..m * k], m, &mut ours);
             let mut reference = vec![0f32; m * n];

@@ -19,7 +19,7 @@ pub mod vision;
 pub mod weights;
 
 pub use config::{DimpleConfig, VisionConfig};
-pub use model::{Checkpoint, DimpleModel};
+pub use model::{Checkpoint, DimpleModel, save_random_weights};
 pub use rope_index::{RopeIndex, rope_index};
 pub use text::{
     KvCache, LogitRows, SeqInput, SeqOutput, TextModel, kv_cache_bytes, kv_cache_bytes_per_rank,

@@ -213,3 +213,116 @@ impl SimpleBackend for RandomWeights {
         true
     }
 }
+
+/// Records the name and shape of every tensor a model build asks for, answering with the
+/// pseudo-random weights.
+#[derive(Default, Clone)]
+struct RecordingWeights(Arc<std::sync::Mutex<Vec<TensorEntry>>>);
+
+/// A tensor's name and shape.
+type TensorEntry = (String, Vec<usize>);
+
+impl SimpleBackend for RecordingWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Ok(mut seen) = self.0.lock() {
+            seen.push((name.to_owned(), s.dims().to_vec()));
+        }
+        RandomWeights.get(s, name, init, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        RandomWeights.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Writes the weights [`Checkpoint::Random`] loads for `cfg` as one safetensors file in
+/// `dtype` (f32, bf16 or f16): the tensors a model of that configuration reads, each
+/// computed and written in turn. Finding the names builds the model once on the CPU (its
+/// memory for a moment); the file is written to a sibling and renamed into place.
+pub fn save_random_weights(cfg: &DimpleConfig, dtype: DType, path: &Path) -> Result<()> {
+    use std::io::Write;
+
+    let tag = match dtype {
+        DType::F32 => "F32",
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        other => {
+            return Err(ModelError::Config(format!(
+                "random weights are written as f32, bf16 or f16, not {other:?}"
+            )));
+        }
+    };
+    let recorder = RecordingWeights::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    drop(DimpleModel::new(cfg, &vb)?);
+    let mut tensors = recorder
+        .0
+        .lock()
+        .map_err(|_| ModelError::Weights("the weight recorder was poisoned".into()))?
+        .clone();
+    tensors.sort();
+    tensors.dedup_by(|a, b| a.0 == b.0);
+
+    let elem = dtype.size_in_bytes();
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dims) in &tensors {
+        let bytes = dims.iter().product::<usize>() * elem;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": tag, "shape": dims, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut header = serde_json::to_vec(&header).map_err(|e| ModelError::Io(e.to_string()))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let io = |e: std::io::Error| ModelError::Io(format!("writing {}: {e}", path.display()));
+    let partial = path.with_extension("safetensors.partial");
+    let file = std::fs::File::create(&partial).map_err(io)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(&header).map_err(io)?;
+    for (name, dims) in &tensors {
+        let t = RandomWeights.get(
+            Shape::from_dims(dims),
+            name,
+            candle_nn::Init::Const(0.),
+            dtype,
+            &Device::Cpu,
+        )?;
+        let flat = t.flatten_all()?;
+        match dtype {
+            DType::F32 => {
+                for v in flat.to_vec1::<f32>()? {
+                    out.write_all(&v.to_le_bytes()).map_err(io)?;
+                }
+            }
+            DType::BF16 => {
+                for v in flat.to_vec1::<half::bf16>()? {
+                    out.write_all(&v.to_le_bytes()).map_err(io)?;
+                }
+            }
+            _ => {
+                for v in flat.to_vec1::<half::f16>()? {
+                    out.write_all(&v.to_le_bytes()).map_err(io)?;
+                }
+            }
+        }
+    }
+    out.flush().map_err(io)?;
+    drop(out);
+    std::fs::rename(&partial, path).map_err(io)
+}

@@ -368,9 +368,6 @@ pub struct TextModel {
     norm: RmsNorm,
     /// The rows of the rank's vocabulary slice.
     lm_head: ColumnParallelLinear,
-    /// The `lm_head` weight as column panels, for the f32 host step (where the processor
-    /// has the kernel for it).
-    lm_panels: Option<cpu::PanelMatrix>,
     rope: Rope,
     cfg: DimpleConfig,
     layout: TpLayout,
@@ -462,35 +459,54 @@ impl TextModel {
         } else {
             ColumnParallelLinear::load(&vb.pp("lm_head"), h, cfg.vocab_size, false, vocab)?
         };
-        let lm_panels = if vb.device().is_cpu() && vb.dtype() == DType::F32 {
-            let w = lm_head.linear().weight_t();
-            let (k, n) = w.dims2()?;
-            let host = HostTensors::new(&[w])?;
-            cpu::PanelMatrix::pack(host.slice(0)?, k, n)
-        } else {
-            None
-        };
-        Ok(Self {
+        let mut model = Self {
             embed,
             layers,
             norm,
             lm_head,
-            lm_panels,
             rope: Rope::new(cfg),
             cfg: cfg.clone(),
             layout,
             comm,
             device: vb.device().clone(),
             dtype: vb.dtype(),
-            host_kernels: true,
-        })
+            host_kernels: false,
+        };
+        model.set_host_kernels(true)?;
+        Ok(model)
     }
 
     /// Runs CPU f32 passes on the host kernels (`true`, the default) or on the tensor-op
     /// path that serves every other device and dtype (`false`: to check that path against
-    /// them on a machine without a GPU).
-    pub fn set_host_kernels(&mut self, on: bool) {
+    /// them on a machine without a GPU). The host kernels hold the decoder's weights as
+    /// column panels where the processor has the kernels for them; the tensor-op path
+    /// holds them as tensors (the layers are repacked, not copied).
+    pub fn set_host_kernels(&mut self, on: bool) -> Result<()> {
+        let host = on && self.device.is_cpu() && self.dtype == DType::F32;
+        for linear in self.linears_mut() {
+            if host {
+                linear.pack_for_host()?;
+            } else {
+                linear.unpack()?;
+            }
+        }
         self.host_kernels = on;
+        Ok(())
+    }
+
+    /// Every linear layer of the decoder, `lm_head` included.
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                [
+                    l.attn.qkv.linear_mut(),
+                    l.attn.o.linear_mut(),
+                    l.mlp.gate_up.linear_mut(),
+                    l.mlp.down.linear_mut(),
+                ]
+            })
+            .chain(std::iter::once(self.lm_head.linear_mut()))
     }
 
     /// The rank's place in its group and the slices it holds.
@@ -735,14 +751,7 @@ impl TextModel {
             let narrow = prune && li + 1 == self.layers.len();
             let a = &layer.attn;
             let m = &layer.mlp;
-            let mut tensors = vec![
-                layer.input_norm.weight(),
-                a.qkv.linear().weight_t(),
-                layer.post_norm.weight(),
-                a.o.linear().weight_t(),
-                m.gate_up.linear().weight_t(),
-                m.down.linear().weight_t(),
-            ];
+            let mut tensors = vec![layer.input_norm.weight(), layer.post_norm.weight()];
             let qkv_bias = a.qkv.linear().bias().map(|b| {
                 tensors.push(b);
                 tensors.len() - 1
@@ -768,7 +777,7 @@ impl TextModel {
             }
             let host = HostTensors::new(&tensors)?;
             rms_norm(&xs, host.slice(0)?, layer.input_norm.eps(), &mut normed);
-            cpu::linear(&normed, host.slice(1)?, (total, h, qw), &mut qkv);
+            a.qkv.linear().host_product(&normed, total, &mut qkv)?;
             if let Some(b) = qkv_bias {
                 add_bias(&mut qkv, host.slice(b)?);
             }
@@ -819,35 +828,25 @@ impl TextModel {
                 let picked_att = gather(&att, ow);
                 att[..cur * ow].copy_from_slice(&picked_att);
             }
-            cpu::linear(
-                &att[..cur * ow],
-                host.slice(3)?,
-                (cur, ow, h),
-                &mut proj[..cur * h],
-            );
+            a.o.linear()
+                .host_product(&att[..cur * ow], cur, &mut proj[..cur * h])?;
             self.reduce_rows(&a.o, &mut proj[..cur * h], cur)?;
             for (x, p) in xs.iter_mut().zip(&proj) {
                 *x += p;
             }
             rms_norm(
                 &xs,
-                host.slice(2)?,
+                host.slice(1)?,
                 layer.post_norm.eps(),
                 &mut normed[..cur * h],
             );
-            cpu::linear(
-                &normed[..cur * h],
-                host.slice(4)?,
-                (cur, h, 2 * inter),
-                &mut gu[..cur * 2 * inter],
-            );
+            m.gate_up
+                .linear()
+                .host_product(&normed[..cur * h], cur, &mut gu[..cur * 2 * inter])?;
             silu_mul(&gu[..cur * 2 * inter], inter, &mut act[..cur * inter]);
-            cpu::linear(
-                &act[..cur * inter],
-                host.slice(5)?,
-                (cur, inter, h),
-                &mut proj[..cur * h],
-            );
+            m.down
+                .linear()
+                .host_product(&act[..cur * inter], cur, &mut proj[..cur * h])?;
             self.reduce_rows(&m.down, &mut proj[..cur * h], cur)?;
             for (x, p) in xs.iter_mut().zip(&proj) {
                 *x += p;
@@ -873,26 +872,13 @@ impl TextModel {
                 .collect()
         };
         let lm = self.lm_head.linear();
-        let mut tensors = vec![lm.weight_t()];
-        if let Some(b) = lm.bias() {
-            tensors.push(b);
-        }
-        let host = HostTensors::new(&tensors)?;
-        let vocab = lm.weight_t().dims()[1];
+        let vocab = lm.dims()?.1;
         let mut logits = vec![0f32; picked.len() * vocab];
-        match &self.lm_panels {
-            Some(p) => p.matmul(&lm_in, picked.len(), &mut logits),
-            None => cpu::linear(
-                &lm_in,
-                host.slice(0)?,
-                (picked.len(), h, vocab),
-                &mut logits,
-            ),
+        lm.host_product(&lm_in, picked.len(), &mut logits)?;
+        if let Some(b) = lm.bias() {
+            let host = HostTensors::new(&[b])?;
+            add_bias(&mut logits, host.slice(0)?);
         }
-        if tensors.len() > 1 {
-            add_bias(&mut logits, host.slice(1)?);
-        }
-        drop(host);
         let logits = Tensor::from_vec(logits, (picked.len(), vocab), &Device::Cpu)?;
         split_outputs(seqs, &logits, caches, suffix_caches)
     }

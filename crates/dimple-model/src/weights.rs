@@ -4,11 +4,12 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::{ModelError, Result};
+use crate::{ModelError, Result, cpu};
 
 /// The safetensors files of a checkpoint directory, in a stable order.
 pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -116,11 +117,29 @@ pub fn get_sharded<S: Into<Shape>>(
 /// The weight is held transposed, `[in, out]` and contiguous: the product then reads it as
 /// a column-major left operand that the CPU matrix kernels use without repacking it at
 /// every call (about twice as fast for the few-row products of a decoding step); other
-/// devices' kernels take either layout alike.
+/// devices' kernels take either layout alike. For the host step in f32 the weight can
+/// instead be held as column panels ([`Linear::pack_for_host`]): one copy either way.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight_t: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+#[derive(Clone)]
+enum LinearWeight {
+    /// `[in, out]`, contiguous.
+    Transposed(Tensor),
+    /// Column panels for the host step's kernels.
+    Panels(Arc<cpu::PanelMatrix>),
+}
+
+impl std::fmt::Debug for LinearWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinearWeight::Transposed(t) => f.debug_tuple("Transposed").field(t).finish(),
+            LinearWeight::Panels(p) => write!(f, "Panels({}x{})", p.k(), p.n()),
+        }
+    }
 }
 
 impl Linear {
@@ -137,34 +156,95 @@ impl Linear {
     /// From a checkpoint-layout weight `[out, in]` and bias `[out]`.
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Ok(Self {
-            weight_t: weight.t()?.contiguous()?,
+            weight: LinearWeight::Transposed(weight.t()?.contiguous()?),
             bias,
         })
     }
 
     /// `xs` is `[rows, in]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = xs.matmul(&self.weight_t)?;
+        let ys = xs.matmul(self.weight_t()?)?;
         Ok(match &self.bias {
             Some(b) => ys.broadcast_add(b)?,
             None => ys,
         })
     }
 
-    /// The weight transposed, `[in, out]`, contiguous.
-    pub fn weight_t(&self) -> &Tensor {
-        &self.weight_t
+    /// The weight transposed, `[in, out]`, contiguous; an error while it is held as panels
+    /// (see [`Linear::unpack`]).
+    pub fn weight_t(&self) -> Result<&Tensor> {
+        match &self.weight {
+            LinearWeight::Transposed(t) => Ok(t),
+            LinearWeight::Panels(_) => Err(ModelError::Weights(
+                "this layer's weight is packed for the host kernels; unpack it for tensor products"
+                    .into(),
+            )),
+        }
+    }
+
+    /// `(in, out)` features.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        match &self.weight {
+            LinearWeight::Transposed(t) => Ok(t.dims2()?),
+            LinearWeight::Panels(p) => Ok((p.k(), p.n())),
+        }
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
+    /// Holds the weight as column panels when it is an f32 CPU tensor and the processor
+    /// has the panel kernels (AVX-512); otherwise leaves it as it is. Returns whether the
+    /// weight is packed now.
+    pub fn pack_for_host(&mut self) -> Result<bool> {
+        let LinearWeight::Transposed(t) = &self.weight else {
+            return Ok(true);
+        };
+        if !t.device().is_cpu() || t.dtype() != DType::F32 || !cpu::PanelMatrix::supported() {
+            return Ok(false);
+        }
+        let (k, n) = t.dims2()?;
+        let host = cpu::HostTensors::new(&[t])?;
+        let Some(panels) = cpu::PanelMatrix::pack(host.slice(0)?, k, n) else {
+            return Ok(false);
+        };
+        drop(host);
+        self.weight = LinearWeight::Panels(Arc::new(panels));
+        Ok(true)
+    }
+
+    /// Holds the weight as a transposed tensor again (for tensor products).
+    pub fn unpack(&mut self) -> Result<()> {
+        if let LinearWeight::Panels(p) = &self.weight {
+            let t = Tensor::from_vec(p.unpack(), (p.k(), p.n()), &Device::Cpu)?;
+            self.weight = LinearWeight::Transposed(t);
+        }
+        Ok(())
+    }
+
+    /// `out[m, out] = x[m, in] W^T` on the host, without the bias: `x` and `out` row-major
+    /// f32. The weight must be an f32 CPU tensor or panels.
+    pub(crate) fn host_product(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        match &self.weight {
+            LinearWeight::Panels(p) => p.matmul(x, m, out),
+            LinearWeight::Transposed(t) => {
+                let (k, n) = t.dims2()?;
+                let host = cpu::HostTensors::new(&[t])?;
+                cpu::linear(x, host.slice(0)?, (m, k, n), out);
+            }
+        }
+        Ok(())
+    }
+
     /// One layer computing the outputs of `parts` side by side (their output features
     /// concatenated in order): one product instead of several over the same input. The
     /// parts must all have a bias or all have none.
     pub fn fuse(parts: &[&Linear]) -> Result<Self> {
-        let weights: Vec<&Tensor> = parts.iter().map(|p| &p.weight_t).collect();
+        let weights = parts
+            .iter()
+            .map(|p| p.weight_t())
+            .collect::<Result<Vec<_>>>()?;
         let weight_t = Tensor::cat(&weights, 1)?;
         let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = match biases.len() {
@@ -176,7 +256,10 @@ impl Linear {
                 ));
             }
         };
-        Ok(Self { weight_t, bias })
+        Ok(Self {
+            weight: LinearWeight::Transposed(weight_t),
+            bias,
+        })
     }
 }
 

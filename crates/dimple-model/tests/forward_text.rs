@@ -360,7 +360,7 @@ fn mixed_step(model: &TextModel) -> (Vec<Flat>, Vec<Flat>) {
 
 fn tensor_path(dtype: DType) -> DimpleModel {
     let mut model = DimpleModel::load(&golden(""), dtype, &Device::Cpu).unwrap();
-    model.text.set_host_kernels(false);
+    model.text.set_host_kernels(false).unwrap();
     model
 }
 

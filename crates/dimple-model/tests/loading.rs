@@ -243,3 +243,55 @@ fn half_precision_dtypes_are_chosen_at_load() {
         );
     }
 }
+
+#[test]
+fn saved_random_weights_load_as_the_random_checkpoint_with_a_real_checkpoints_tensors() {
+    let dir = temp_dir("random");
+    let cfg = DimpleConfig::from_file(&golden("config.json")).unwrap();
+    std::fs::copy(golden("config.json"), dir.join("config.json")).unwrap();
+    dimple_model::save_random_weights(&cfg, DType::F32, &dir.join("model.safetensors")).unwrap();
+
+    // The file holds exactly the tensors of the reference checkpoint, with their shapes.
+    let saved_f32 =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let shapes = |m: &HashMap<String, Tensor>| {
+        let mut v: Vec<(String, Vec<usize>)> = m
+            .iter()
+            .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(shapes(&saved_f32), shapes(&golden_tensors()));
+
+    // Loaded from disk, the model computes what the in-memory random weights compute.
+    let from_disk = DimpleModel::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let in_memory = dimple_model::Checkpoint::Random(Box::new(cfg))
+        .load(
+            DType::F32,
+            &Device::Cpu,
+            std::sync::Arc::new(dimple_model::SingleComm),
+        )
+        .unwrap();
+    let logits = text_logits(&from_disk);
+    assert!(logits.iter().all(|x| x.is_finite()));
+    assert_eq!(logits, text_logits(&in_memory));
+
+    // Half precision: the same weights rounded once.
+    dimple_model::save_random_weights(
+        from_disk.config(),
+        DType::BF16,
+        &dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let saved =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let name = "model.embed_tokens.weight";
+    assert_eq!(saved[name].dtype(), DType::BF16);
+    assert_eq!(
+        to_f32(&saved[name]),
+        to_f32(&saved_f32[name].to_dtype(DType::BF16).unwrap())
+    );
+    assert!(!dir.join("model.safetensors.partial").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

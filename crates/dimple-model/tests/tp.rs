@@ -37,7 +37,7 @@ fn on_ranks_with<T: Send + 'static>(
                 let mut model = Checkpoint::Dir(golden(""))
                     .load(DType::F32, &Device::Cpu, comm)
                     .expect("shard loads");
-                model.text.set_host_kernels(host_kernels);
+                model.text.set_host_kernels(host_kernels).unwrap();
                 f(&model)
             })
         })

@@ -27,7 +27,7 @@ pub fn model() -> DimpleModel {
 /// passes run every sequence's attention as one padded batch.
 pub fn tensor_path_model() -> DimpleModel {
     let mut m = model();
-    m.text.set_host_kernels(false);
+    m.text.set_host_kernels(false).unwrap();
     m
 }
 

@@ -64,6 +64,11 @@ impl ColumnParallelLinear {
         &self.inner
     }
 
+    /// For changing how the weight is held ([`Linear::pack_for_host`]).
+    pub fn linear_mut(&mut self) -> &mut Linear {
+        &mut self.inner
+    }
+
     /// `xs` is `[rows, in]`; the result holds this rank's output features only.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.inner.forward(xs)
@@ -106,6 +111,11 @@ impl RowParallelLinear {
     /// is in [`Self::bias`].
     pub fn linear(&self) -> &Linear {
         &self.inner
+    }
+
+    /// For changing how the weight is held ([`Linear::pack_for_host`]).
+    pub fn linear_mut(&mut self) -> &mut Linear {
+        &mut self.inner
     }
 
     /// Added once after the reduction.
