@@ -3,8 +3,8 @@
 //!
 //! One run measures two things side by side:
 //! 1. the machine's achievable matrix-multiply rate: plain matmuls at the model's own
-//!    shapes (the MLP and `lm_head` projections) on the same device and dtype, the best of
-//!    several sizes;
+//!    shapes (the MLP and `lm_head` projections) on the same device and dtype, and on the
+//!    CPU in f32 the host step's own product kernel at the layers' shapes, the best of all;
 //! 2. the engine at each concurrency level and cache mode: that many identical-shaped
 //!    requests submitted at once, with per-request latency, response slots per second, and
 //!    the *useful* FLOP rate of the steps: the matmul work a step needs (linear layers over
@@ -242,6 +242,44 @@ fn matmul_peak(
     Ok(out)
 }
 
+/// The host step's own product kernel (CPU f32: column panels where the processor has
+/// AVX-512) at the shapes of the model's layers, on packed rows as a step runs them.
+fn host_kernel_rates(c: &DimpleConfig, seconds: f64) -> anyhow::Result<Vec<(String, f64)>> {
+    let (h, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let shapes = [
+        (128, h, 2 * inter),
+        (128, inter, h),
+        (2048, h, 2 * inter),
+        (2048, inter, h),
+        (64, h, vocab),
+    ];
+    let mut out = Vec::new();
+    for (m, k, n) in shapes {
+        let w = Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu)?;
+        let mut layer = dimple_model::weights::Linear::from_parts(w, None)?;
+        let kind = if layer.pack_for_host()? {
+            "panels"
+        } else {
+            "host"
+        };
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, m * k, &Device::Cpu)?.to_vec1()?;
+        let mut y = vec![0f32; m * n];
+        layer.host_product(&x, m, &mut y)?;
+        let started = Instant::now();
+        let mut runs = 0u32;
+        while started.elapsed() < Duration::from_secs_f64(seconds) || runs < 3 {
+            layer.host_product(&x, m, &mut y)?;
+            runs += 1;
+        }
+        let secs = started.elapsed().as_secs_f64() / runs as f64;
+        out.push((
+            format!("{kind} {m}x{k} @ {k}x{n}"),
+            2.0 * (m * k * n) as f64 / secs,
+        ));
+    }
+    Ok(out)
+}
+
 /// How a cache mode is named in the tables (`cached` is the prefix cache).
 fn mode_label(mode: CacheMode, block_length: Option<usize>) -> String {
     match (mode, block_length) {
@@ -301,8 +339,12 @@ pub fn run(a: BenchRandomArgs) -> anyhow::Result<()> {
             "matmul at the model's shapes ({:?}, {:?}):",
             group.devices, group.dtype
         );
-        for (name, rate) in matmul_peak(&cfg, &device, group.dtype, a.matmul_seconds)? {
-            println!("  {name:<24} {:8.1} GFLOP/s", rate / 1e9);
+        let mut rates = matmul_peak(&cfg, &device, group.dtype, a.matmul_seconds)?;
+        if device.is_cpu() && group.dtype == DType::F32 {
+            rates.extend(host_kernel_rates(&cfg, a.matmul_seconds)?);
+        }
+        for (name, rate) in rates {
+            println!("  {name:<31} {:8.1} GFLOP/s", rate / 1e9);
             peak = peak.max(rate);
         }
         println!("  best: {:.1} GFLOP/s", peak / 1e9);

@@ -225,7 +225,9 @@ impl Linear {
 
     /// `out[m, out] = x[m, in] W^T` on the host, without the bias: `x` and `out` row-major
     /// f32. The weight must be an f32 CPU tensor or panels.
-    pub(crate) fn host_product(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+    ///
+    /// Panics (a bug, not an input error) when the slices do not hold `m` rows.
+    pub fn host_product(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         match &self.weight {
             LinearWeight::Panels(p) => p.matmul(x, m, out),
             LinearWeight::Transposed(t) => {
