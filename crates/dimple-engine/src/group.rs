@@ -84,6 +84,10 @@ pub struct GroupConfig {
     /// declaring the group failed: the last resort against a rank that hangs.
     pub step_timeout: Duration,
     pub fault: Option<FaultInjection>,
+    /// Run CPU f32 passes on the tensor-op path (the one every other device and dtype
+    /// runs, scoring reduced on the tensors' device) instead of the host kernels: to check
+    /// that path, multi-rank included, on a machine without a GPU.
+    pub tensor_ops: bool,
 }
 
 impl GroupConfig {
@@ -96,6 +100,7 @@ impl GroupConfig {
             comm_timeout: Duration::from_secs(300),
             step_timeout: Duration::from_secs(600),
             fault: None,
+            tensor_ops: false,
         }
     }
 }
@@ -462,7 +467,11 @@ fn load_rank(
         #[cfg(feature = "cuda")]
         RankComm::Nccl(g) => Arc::new(g.join(rank, &device)?),
     };
-    checkpoint.load(group.dtype, &device, comm)
+    let mut model = checkpoint.load(group.dtype, &device, comm)?;
+    if group.tensor_ops {
+        model.text.set_host_kernels(false)?;
+    }
+    Ok(model)
 }
 
 /// Runs a rank's loop on a thread pool of its own, sized to its share of the machine's
@@ -732,13 +741,19 @@ impl Rank {
         let outs = text.forward(&inputs, None)?;
         drop(inputs);
         let offset = text.vocab_range().start;
-        let on_host = self.model.device().is_cpu();
+        // Host passes score on the host; device passes reduce on the device and bring back
+        // a few numbers per row, all sequences' rows in one transfer.
+        let on_host = text.runs_host_kernels();
         // Greedy rows: first-exchange statistics; full rows: gathered now, in plan order on
         // every rank, so the collectives line up.
         let mut stats: Vec<f64> = Vec::new();
         let mut greedy_rows: Vec<GreedyRow> = Vec::new();
         let mut results: Vec<SlotOutput> = Vec::with_capacity(steps.len());
         let mut caches = Vec::with_capacity(steps.len());
+        // (sequence, its rows) waiting for the one gather of full rows.
+        let mut full: Vec<(usize, Tensor)> = Vec::new();
+        // (sequence, kind, its rows) waiting for the one device reduction.
+        let mut on_device: Vec<(usize, ConfidenceKind, Tensor)> = Vec::new();
         for (k, (s, out)) in steps.iter().zip(outs).enumerate() {
             caches.push((out.cache, out.suffix_cache));
             if s.masked.is_empty() {
@@ -749,54 +764,69 @@ impl Rank {
             let rows = out.logits;
             match s.scoring {
                 Scoring::FullRows => {
-                    let full = text.gather_vocab(&rows)?;
-                    results.push(SlotOutput::Rows(if self.rank() == 0 {
-                        full.to_vec2::<f32>()?
-                    } else {
-                        Vec::new()
-                    }));
+                    results.push(SlotOutput::Rows(Vec::new()));
+                    full.push((k, rows));
+                }
+                Scoring::Greedy(kind) if !on_host => {
+                    results.push(SlotOutput::Scores(Vec::with_capacity(s.masked.len())));
+                    on_device.push((k, kind, rows));
                 }
                 Scoring::Greedy(kind) => {
                     let need_slice = kind == ConfidenceKind::NegEntropy;
-                    if on_host {
-                        // One pass over each row's vocabulary slice, the rows spread over
-                        // the rank's threads (each row's statistic is computed alone, so
-                        // the result does not depend on the split).
-                        let (_, width) = rows.dims2()?;
-                        let flat: Vec<f32> = rows.flatten_all()?.to_vec1()?;
-                        let row_stats: Vec<[f64; STATS]> = flat
-                            .par_chunks(width.max(1))
-                            .map(|row| slice_stats(row, offset))
-                            .collect();
-                        for (i, st) in row_stats.iter().enumerate() {
-                            stats.extend_from_slice(st);
-                            greedy_rows.push(GreedyRow {
-                                seq: k,
-                                kind,
-                                host: need_slice.then(|| flat[i * width..(i + 1) * width].to_vec()),
-                                device: None,
-                            });
-                        }
-                    } else {
-                        let st = slice_stats_device(&rows, offset)?;
-                        let m = st.len();
-                        for (i, r) in st.iter().enumerate() {
-                            stats.extend_from_slice(r);
-                            let slice = if need_slice {
-                                Some(rows.narrow(0, i, 1)?)
-                            } else {
-                                None
-                            };
-                            greedy_rows.push(GreedyRow {
-                                seq: k,
-                                kind,
-                                host: None,
-                                device: slice,
-                            });
-                        }
-                        debug_assert_eq!(m, s.masked.len());
+                    // One pass over each row's vocabulary slice, the rows spread over the
+                    // rank's threads (each row's statistic is computed alone, so the
+                    // result does not depend on the split).
+                    let (_, width) = rows.dims2()?;
+                    let flat: Vec<f32> = rows.flatten_all()?.to_vec1()?;
+                    let row_stats: Vec<[f64; STATS]> = flat
+                        .par_chunks(width.max(1))
+                        .map(|row| slice_stats(row, offset))
+                        .collect();
+                    for (i, st) in row_stats.iter().enumerate() {
+                        stats.extend_from_slice(st);
+                        greedy_rows.push(GreedyRow {
+                            seq: k,
+                            kind,
+                            host: need_slice.then(|| flat[i * width..(i + 1) * width].to_vec()),
+                            device: None,
+                        });
                     }
                     results.push(SlotOutput::Scores(Vec::with_capacity(s.masked.len())));
+                }
+            }
+        }
+        if !full.is_empty() {
+            // Every full row of the step: one gather over the ranks, one copy to the host.
+            let parts: Vec<&Tensor> = full.iter().map(|(_, t)| t).collect();
+            let gathered = text.gather_vocab(&Tensor::cat(&parts, 0)?)?;
+            if self.rank() == 0 {
+                let mut rows = gathered.to_vec2::<f32>()?.into_iter();
+                for (k, t) in &full {
+                    let n = t.dims2()?.0;
+                    results[*k] = SlotOutput::Rows(rows.by_ref().take(n).collect());
+                }
+            }
+        }
+        if !on_device.is_empty() {
+            let parts: Vec<&Tensor> = on_device.iter().map(|(_, _, t)| t).collect();
+            let joined = Tensor::cat(&parts, 0)?;
+            let mut st = slice_stats_device(&joined, offset)?.into_iter();
+            let mut row = 0;
+            for (k, kind, t) in &on_device {
+                for _ in 0..t.dims2()?.0 {
+                    let r = st
+                        .next()
+                        .ok_or_else(|| RankFailure::own("the device reduction lost rows".into()))?;
+                    stats.extend_from_slice(&r);
+                    greedy_rows.push(GreedyRow {
+                        seq: *k,
+                        kind: *kind,
+                        host: None,
+                        device: (*kind == ConfidenceKind::NegEntropy)
+                            .then(|| joined.narrow(0, row, 1))
+                            .transpose()?,
+                    });
+                    row += 1;
                 }
             }
         }
@@ -834,16 +864,28 @@ impl Rank {
             .filter(|&i| greedy_rows[i].kind == ConfidenceKind::NegEntropy)
             .collect();
         if !ent_rows.is_empty() {
-            let mut parts = Vec::with_capacity(ent_rows.len());
-            for &i in &ent_rows {
-                let part = match (&greedy_rows[i].host, &greedy_rows[i].device) {
-                    (Some(row), _) => combined[i].neg_entropy_part(row),
-                    (None, Some(t)) => RowStats::neg_entropy_parts_device(&combined[i..=i], t)?[0],
+            let mut parts = vec![0.0f64; ent_rows.len()];
+            // Device rows: one reduction and one transfer for all of them.
+            let (mut dev_at, mut dev_rows, mut dev_stats) = (Vec::new(), Vec::new(), Vec::new());
+            for (j, &i) in ent_rows.iter().enumerate() {
+                match (&greedy_rows[i].host, &greedy_rows[i].device) {
+                    (Some(row), _) => parts[j] = combined[i].neg_entropy_part(row),
+                    (None, Some(t)) => {
+                        dev_at.push(j);
+                        dev_rows.push(t);
+                        dev_stats.push(combined[i]);
+                    }
                     (None, None) => {
                         return Err(RankFailure::own("an entropy row kept no logits".into()));
                     }
-                };
-                parts.push(part);
+                }
+            }
+            if !dev_rows.is_empty() {
+                let joined = Tensor::cat(&dev_rows, 0)?;
+                let got = RowStats::neg_entropy_parts_device(&dev_stats, &joined)?;
+                for (j, v) in dev_at.into_iter().zip(got) {
+                    parts[j] = v;
+                }
             }
             let all = comm.all_gather_host(&parts).map_err(ModelError::from)?;
             for (j, &i) in ent_rows.iter().enumerate() {

@@ -97,9 +97,30 @@ fn every_golden_case_alone_at_every_degree() {
 
 #[test]
 fn golden_cases_decoded_together_on_two_ranks() {
+    together_on_two_ranks(GroupConfig::cpu(2));
+}
+
+/// The same on the tensor-op path: logits stay on the ranks' devices, each step's greedy
+/// rows of every sequence are reduced together, full rows (sampling) gathered together,
+/// entropy parts computed together.
+#[test]
+fn golden_cases_decoded_together_on_two_ranks_on_the_tensor_path() {
+    together_on_two_ranks(GroupConfig {
+        tensor_ops: true,
+        ..GroupConfig::cpu(2)
+    });
+}
+
+fn together_on_two_ranks(group: GroupConfig) {
     // Many sequences per step, mixing cache modes, images, priors and confidence kinds (the
     // entropy case needs the second exchange).
-    let engine = group_engine(2, EngineConfig::default());
+    let engine = dimple_engine::start_group(
+        &Checkpoint::Dir(golden("")),
+        group,
+        EngineConfig::default(),
+        None,
+    )
+    .expect("group starts");
     let cases = single_cases();
     let rxs: Vec<_> = cases
         .iter()

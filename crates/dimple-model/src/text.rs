@@ -494,6 +494,12 @@ impl TextModel {
         Ok(())
     }
 
+    /// Whether passes run on the host kernels (CPU, f32, not switched off): their logits
+    /// are host memory. Otherwise they run on the tensor-op path and stay on the device.
+    pub fn runs_host_kernels(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32 && self.host_kernels
+    }
+
     /// Every linear layer of the decoder, `lm_head` included.
     fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
         self.layers
@@ -628,7 +634,7 @@ impl TextModel {
             lens.push(len);
             all_pos.extend_from_slice(s.positions);
         }
-        if self.device.is_cpu() && self.dtype == DType::F32 && self.host_kernels {
+        if self.runs_host_kernels() {
             return self.forward_host(seqs, &lens, &all_pos, trace);
         }
         let embeds: Vec<Tensor> = seqs
