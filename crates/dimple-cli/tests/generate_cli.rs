@@ -21,17 +21,22 @@ fn golden(name: &str) -> PathBuf {
 /// The binary with a clean environment: every flag can also come from a `DIMPLE_*`
 /// variable, and a stray one must not change what the test asks for.
 fn dimple(args: &[String]) -> Output {
+    dimple_command()
+        .args(args)
+        .output()
+        .expect("the dimple binary runs")
+}
+
+/// The same, as a command to add arguments to.
+fn dimple_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dimple"));
     for (k, _) in std::env::vars() {
         if k.starts_with("DIMPLE_") {
             cmd.env_remove(k);
         }
     }
-    cmd.env("RUST_BACKTRACE", "0")
-        .current_dir(repo(""))
-        .args(args)
-        .output()
-        .expect("the dimple binary runs")
+    cmd.env("RUST_BACKTRACE", "0").current_dir(repo(""));
+    cmd
 }
 
 fn json_output(args: &[String]) -> Value {
@@ -310,10 +315,7 @@ fn block_and_cache_mode_flags() {
 
 #[test]
 fn bench_random_checks_invariance_and_reports_each_level() {
-    let out = Command::new(env!("CARGO_BIN_EXE_dimple"))
-        .env_remove("DIMPLE_TP")
-        .env_remove("DIMPLE_DEVICE")
-        .env_remove("DIMPLE_DTYPE")
+    let out = dimple_command()
         .args([
             "bench-random",
             "--shape",
@@ -399,15 +401,7 @@ fn prior_templates_decode_in_process() {
 fn a_saved_random_model_directory_serves_prompts_end_to_end() {
     let dir = std::env::temp_dir().join(format!("dimple-random-model-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let dimple = || {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_dimple"));
-        c.env_remove("DIMPLE_TP")
-            .env_remove("DIMPLE_DEVICE")
-            .env_remove("DIMPLE_DTYPE")
-            .env_remove("DIMPLE_MODEL");
-        c
-    };
-    let saved = dimple()
+    let saved = dimple_command()
         .args([
             "bench-random",
             "--shape",
@@ -436,7 +430,7 @@ fn a_saved_random_model_directory_serves_prompts_end_to_end() {
 
     // A chat prompt (the template's special tokens must resolve to the shape's ids) decodes
     // over the saved weights, and every id the model produces decodes to text.
-    let out = dimple()
+    let out = dimple_command()
         .args(["generate", "--device", "cpu", "--model"])
         .arg(&dir)
         .args([

@@ -361,6 +361,32 @@ struct Layer {
     post_norm: RmsNorm,
 }
 
+/// The host step's row buffers, kept from one pass to the next so that a step neither
+/// maps fresh pages nor zeroes them. Each is sized to the largest recent step and given
+/// back when a step needs under a quarter of it.
+#[derive(Default)]
+struct HostScratch {
+    xs: Vec<f32>,
+    normed: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    gu: Vec<f32>,
+    act: Vec<f32>,
+    proj: Vec<f32>,
+}
+
+/// `len` values of `buf` (their content is whatever the last pass left: every use writes
+/// before it reads).
+fn scratch(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() > 4 * len + (1 << 16) {
+        *buf = Vec::new();
+    }
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
 /// The language model of Dimple (one rank's shard of it).
 pub struct TextModel {
     embed: VocabParallelEmbedding,
@@ -377,6 +403,7 @@ pub struct TextModel {
     /// Whether a CPU f32 pass runs the host kernels (`crate::cpu`; the default) rather than
     /// the tensor-op path every other device and dtype runs.
     host_kernels: bool,
+    scratch: std::sync::Mutex<HostScratch>,
 }
 
 impl TextModel {
@@ -471,6 +498,7 @@ impl TextModel {
             device: vb.device().clone(),
             dtype: vb.dtype(),
             host_kernels: false,
+            scratch: Default::default(),
         };
         model.set_host_kernels(true)?;
         Ok(model)
@@ -717,11 +745,18 @@ impl TextModel {
             .iter()
             .map(|s| s.embeds.to_dtype(DType::F32)?.contiguous())
             .collect::<candle_core::Result<_>>()?;
-        let mut xs: Vec<f32> = Vec::with_capacity(total * h);
+        let mut bufs = match self.scratch.lock() {
+            Ok(mut kept) => std::mem::take(&mut *kept),
+            Err(_) => HostScratch::default(),
+        };
+        let xs = scratch(&mut bufs.xs, total * h);
         {
             let host = HostTensors::new(&embeds.iter().collect::<Vec<_>>())?;
+            let mut at = 0;
             for i in 0..embeds.len() {
-                xs.extend_from_slice(host.slice(i)?);
+                let e = host.slice(i)?;
+                xs[at..at + e.len()].copy_from_slice(e);
+                at += e.len();
             }
         }
         drop(embeds);
@@ -732,15 +767,15 @@ impl TextModel {
             rows.push(off);
             off += len;
         }
-        let mut normed = vec![0f32; total * h];
-        let mut qkv = vec![0f32; total * qw];
-        let mut att = vec![0f32; total * ow];
-        let mut gu = vec![0f32; total * 2 * inter];
-        let mut act = vec![0f32; total * inter];
-        let mut proj = vec![0f32; total * h];
+        let normed = scratch(&mut bufs.normed, total * h);
+        let qkv = scratch(&mut bufs.qkv, total * qw);
+        let att = scratch(&mut bufs.att, total * ow);
+        let gu = scratch(&mut bufs.gu, total * 2 * inter);
+        let act = scratch(&mut bufs.act, total * inter);
+        let proj = scratch(&mut bufs.proj, total * h);
         let host_trace = |xs: &[f32]| Tensor::from_slice(xs, (total, h), &Device::Cpu);
         if let Some(t) = trace.as_deref_mut() {
-            t.push(host_trace(&xs)?);
+            t.push(host_trace(xs)?);
         }
         let mut caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
         let mut suffix_caches: Vec<Vec<(Tensor, Tensor)>> = vec![Vec::new(); seqs.len()];
@@ -782,21 +817,21 @@ impl TextModel {
                 }
             }
             let host = HostTensors::new(&tensors)?;
-            rms_norm(&xs, host.slice(0)?, layer.input_norm.eps(), &mut normed);
-            a.qkv.linear().host_product(&normed, total, &mut qkv)?;
+            rms_norm(xs, host.slice(0)?, layer.input_norm.eps(), normed);
+            a.qkv.linear().host_product(normed, total, qkv)?;
             if let Some(b) = qkv_bias {
-                add_bias(&mut qkv, host.slice(b)?);
+                add_bias(qkv, host.slice(b)?);
             }
-            rope_in_place(&mut qkv, qw, 0, lay.heads, lay.hd, &cos, &sin);
-            rope_in_place(&mut qkv, qw, ow, lay.kv_heads, lay.hd, &cos, &sin);
+            rope_in_place(qkv, qw, 0, lay.heads, lay.hd, &cos, &sin);
+            rope_in_place(qkv, qw, ow, lay.kv_heads, lay.hd, &cos, &sin);
             let mut keys = Vec::with_capacity(seqs.len());
             for (n, s) in seqs.iter().enumerate() {
                 if s.keep_prefix > 0 {
-                    caches[n].push(self.host_cache(&qkv, lay, rows[n], s.keep_prefix)?);
+                    caches[n].push(self.host_cache(qkv, lay, rows[n], s.keep_prefix)?);
                 }
                 if s.keep_suffix > 0 {
                     let from = rows[n] + lens[n] - s.keep_suffix;
-                    suffix_caches[n].push(self.host_cache(&qkv, lay, from, s.keep_suffix)?);
+                    suffix_caches[n].push(self.host_cache(qkv, lay, from, s.keep_suffix)?);
                 }
                 let prefix = match prefix_at[n] {
                     Some((i, _)) => Some((host.slice(i)?, host.slice(i + 1)?)),
@@ -816,7 +851,7 @@ impl TextModel {
                     key_valid: s.key_valid,
                 });
             }
-            cpu::attention(&qkv, lay, &keys, &mut att)?;
+            cpu::attention(qkv, lay, &keys, att)?;
             drop(keys);
             if narrow {
                 // The last layer's remaining work only for the scored rows, in their order:
@@ -830,18 +865,19 @@ impl TextModel {
                         .flat_map(|&r| src[r * w..(r + 1) * w].iter().copied())
                         .collect()
                 };
-                xs = gather(&xs, h);
-                let picked_att = gather(&att, ow);
+                let picked_xs = gather(xs, h);
+                xs[..cur * h].copy_from_slice(&picked_xs);
+                let picked_att = gather(att, ow);
                 att[..cur * ow].copy_from_slice(&picked_att);
             }
             a.o.linear()
                 .host_product(&att[..cur * ow], cur, &mut proj[..cur * h])?;
             self.reduce_rows(&a.o, &mut proj[..cur * h], cur)?;
-            for (x, p) in xs.iter_mut().zip(&proj) {
+            for (x, p) in xs[..cur * h].iter_mut().zip(&proj[..cur * h]) {
                 *x += p;
             }
             rms_norm(
-                &xs,
+                &xs[..cur * h],
                 host.slice(1)?,
                 layer.post_norm.eps(),
                 &mut normed[..cur * h],
@@ -854,36 +890,45 @@ impl TextModel {
                 .linear()
                 .host_product(&act[..cur * inter], cur, &mut proj[..cur * h])?;
             self.reduce_rows(&m.down, &mut proj[..cur * h], cur)?;
-            for (x, p) in xs.iter_mut().zip(&proj) {
+            for (x, p) in xs[..cur * h].iter_mut().zip(&proj[..cur * h]) {
                 *x += p;
             }
             if li + 1 < self.layers.len()
                 && let Some(t) = trace.as_deref_mut()
             {
-                t.push(host_trace(&xs)?);
+                t.push(host_trace(xs)?);
             }
         }
         let norm = HostTensors::new(&[self.norm.weight()])?;
-        rms_norm(&xs, norm.slice(0)?, self.norm.eps(), &mut normed[..cur * h]);
+        rms_norm(
+            &xs[..cur * h],
+            norm.slice(0)?,
+            self.norm.eps(),
+            &mut normed[..cur * h],
+        );
         if let Some(t) = trace {
-            t.push(host_trace(&normed)?);
+            t.push(host_trace(normed)?);
         }
-        let lm_in: Vec<f32> = if cur == picked.len() && prune {
-            normed.truncate(cur * h);
-            normed
+        let gathered: Vec<f32>;
+        let lm_in: &[f32] = if cur == picked.len() && prune {
+            &normed[..cur * h]
         } else {
-            picked
+            gathered = picked
                 .iter()
                 .flat_map(|&r| normed[r * h..(r + 1) * h].iter().copied())
-                .collect()
+                .collect();
+            &gathered
         };
         let lm = self.lm_head.linear();
         let vocab = lm.dims()?.1;
         let mut logits = vec![0f32; picked.len() * vocab];
-        lm.host_product(&lm_in, picked.len(), &mut logits)?;
+        lm.host_product(lm_in, picked.len(), &mut logits)?;
         if let Some(b) = lm.bias() {
             let host = HostTensors::new(&[b])?;
             add_bias(&mut logits, host.slice(0)?);
+        }
+        if let Ok(mut kept) = self.scratch.lock() {
+            *kept = bufs;
         }
         let logits = Tensor::from_vec(logits, (picked.len(), vocab), &Device::Cpu)?;
         split_outputs(seqs, &logits, caches, suffix_caches)
