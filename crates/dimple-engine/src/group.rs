@@ -889,7 +889,7 @@ impl Rank {
             }
             let all = comm.all_gather_host(&parts).map_err(ModelError::from)?;
             for (j, &i) in ent_rows.iter().enumerate() {
-                // Rank order, like the single pass over the vocabulary.
+                // Rank order, like the pass over the whole vocabulary.
                 entropy[i] = (0..world).fold(0.0, |acc, r| acc + all[r * parts.len() + j]);
             }
         }

@@ -213,7 +213,7 @@ fn token_id(index: usize) -> u32 {
     index as u32
 }
 
-/// Softmax statistics of one row, gathered in a single pass without allocating.
+/// Softmax statistics of one row, gathered without allocating.
 #[derive(Debug, Clone, Copy)]
 struct RowStats {
     max: f32,
@@ -224,27 +224,33 @@ struct RowStats {
     sum: f32,
 }
 
-/// One pass over a row: max, its first index, the largest other value, and
-/// `sum exp(x - max)` in f64. Online log-sum-exp: terms already summed are rebased when a
-/// new max appears; f64 keeps the rebasing from adding error beyond torch's own f32 sum.
-/// Shared by the whole-row scorer and the vocabulary-sharded one.
+/// A row's max, its first index, the largest other value, and `sum exp(x - max)` in f64
+/// (each term the f32 exponential, summed in order: f64 keeps the sum from adding error
+/// beyond torch's own f32 sum). Two passes: the maxima, then the exponentials in blocks
+/// through the vector kernel. Shared by the whole-row scorer and the vocabulary-sharded one.
 pub(crate) fn single_pass(row: &[f32]) -> (f32, usize, f32, f64) {
     let mut max = f32::NEG_INFINITY;
     let mut second = f32::NEG_INFINITY;
     let mut argmax = 0;
-    let mut sum = 0.0f64;
     for (i, &x) in row.iter().enumerate() {
         if x > max {
-            sum *= (f64::from(max) - f64::from(x)).exp();
-            sum += 1.0;
             second = max;
             max = x;
             argmax = i;
-        } else {
-            sum += f64::from((x - max).exp());
-            if x > second {
-                second = x;
-            }
+        } else if x > second {
+            second = x;
+        }
+    }
+    let mut sum = 0.0f64;
+    let mut block = [0f32; 256];
+    for part in row.chunks(block.len()) {
+        let terms = &mut block[..part.len()];
+        for (t, &x) in terms.iter_mut().zip(part) {
+            *t = x - max;
+        }
+        dimple_model::exp_in_place(terms);
+        for &t in terms.iter() {
+            sum += f64::from(t);
         }
     }
     (max, argmax, second, sum)

@@ -3,9 +3,9 @@
 //! `(x0, confidence)` that [`crate::policy::Scorer::score`] gives on the whole row. Whole
 //! rows are never gathered on this path.
 //!
-//! The statistics are those of the policy's single pass, computed the same way on each
-//! slice: the running max and its first index, the largest other value, and the sum of
-//! `exp(x - max)` accumulated in f64 and rebased when the max moves. Combining slices in
+//! The statistics are those of the policy's row pass, computed the same way on each
+//! slice: the max and its first index, the largest other value, and the sum of
+//! `exp(x - max)` accumulated in f64. Combining slices in
 //! rank order (lower vocabulary ids first) rebases each slice's sum onto the global max,
 //! so with one rank the result is bit for bit the policy's; with several, the sums differ
 //! only by f64 rounding, far below the f32 they are rounded to. The negative entropy needs
@@ -22,7 +22,7 @@ pub(crate) const STATS: usize = 4;
 const ENTROPY_EPS: f32 = 1e-10;
 
 /// The first-exchange statistics of one row slice whose first entry is vocabulary id
-/// `offset`, exactly as the policy's single pass computes them.
+/// `offset`, exactly as the policy's row pass computes them.
 pub(crate) fn slice_stats(row: &[f32], offset: usize) -> [f64; STATS] {
     let (max, argmax, second, sum) = crate::policy::single_pass(row);
     [
@@ -85,7 +85,7 @@ impl RowStats {
         let mut winner = 0;
         for (r, s) in slices.iter().enumerate() {
             // Strictly greater: on a tie the lower vocabulary ids (lower rank) win, as the
-            // single pass keeps the first index.
+            // row pass keeps the first index.
             if s[0] as f32 > max || r == 0 {
                 max = s[0] as f32;
                 winner = r;

@@ -317,7 +317,7 @@ pub(crate) fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
 /// `x = e^x` for every value, rounded to the nearest f32 (computed in f64: the result is
 /// the correctly rounded one except, rarely, a value within 2^-30 of a tie). Sixteen
 /// values at a time where the processor has AVX-512; `f32::exp` elsewhere.
-pub(crate) fn exp_in_place(xs: &mut [f32]) {
+pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if PanelMatrix::supported() {
         // SAFETY: AVX-512F is available (checked just above).

@@ -19,6 +19,7 @@ pub mod vision;
 pub mod weights;
 
 pub use config::{DimpleConfig, VisionConfig};
+pub use cpu::exp_in_place;
 pub use model::{Checkpoint, DimpleModel, save_random_weights};
 pub use rope_index::{RopeIndex, rope_index};
 pub use text::{
