@@ -3,6 +3,7 @@
 # with `--features cuda` (its path is the first argument) from the repository root.
 #
 #   scripts/gpu-check.sh target/release/dimple            # parity subset + throughput
+#   scripts/gpu-check.sh target-cuda/release/dimple.gz    # the same, from scripts/cuda-build.sh
 #   GOLDEN_CASES=all scripts/gpu-check.sh ./dimple         # every single-request golden case
 #   SKIP_BENCH=1 scripts/gpu-check.sh ./dimple             # parity only
 #   DIMPLE_CHECK_DEVICE=cpu BENCH_SHAPE=small BENCH_DTYPE=f32 scripts/gpu-check.sh ./dimple
@@ -25,7 +26,21 @@
 set -uo pipefail
 
 bin="${1:?usage: scripts/gpu-check.sh PATH_TO_DIMPLE_BUILT_WITH_CUDA}"
+if [ ! -s "$bin" ]; then
+    echo "no binary at $bin" >&2
+    exit 2
+fi
 bin="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
+if [[ "$bin" == *.gz ]]; then
+    # The gzipped binary scripts/cuda-build.sh also writes.
+    plain="$(mktemp -d)/dimple"
+    if ! gzip -dc "$bin" >"$plain"; then
+        echo "cannot decompress $bin" >&2
+        exit 2
+    fi
+    chmod +x "$plain"
+    bin="$plain"
+fi
 cd "$(dirname "$0")/.."
 golden="tests/fixtures/golden"
 status=0
