@@ -75,7 +75,7 @@ PLAIN_HEADER = (
 # differ from its help.
 CONTRACT_FLAGS = {
     "router": {
-        "listen", "log-format", "http-listen", "max-bytes-per-token", "metrics-listen",
+        "listen", "log-format", "http-listen", "http-tls", "max-bytes-per-token", "metrics-listen",
         "health-listen", "model", "assets-from-workers", "workers", "etcd-endpoints",
         "etcd-prefix", "tls-cert", "tls-key", "api-keys-file", "request-timeout-secs",
         "max-message-bytes", "max-pending", "internal-tls-cert", "internal-tls-key",

@@ -22,6 +22,11 @@ pub struct RouterArgs {
     /// `/tokenize`, `/health`, `/ready`); off unless given.
     #[arg(long, env = "DIMPLE_HTTP_LISTEN")]
     pub http_listen: Option<SocketAddr>,
+    /// Serve the HTTP API over TLS too, with `--tls-cert` and `--tls-key` (HTTP/1.1 by ALPN).
+    /// Without it the HTTP API is plain HTTP even when gRPC is TLS (for a proxy or ingress
+    /// that terminates TLS in front of it).
+    #[arg(long, env = "DIMPLE_HTTP_TLS", requires_all = ["tls_cert", "http_listen"])]
+    pub http_tls: bool,
     /// Bound on bytes per prompt token: prompt text longer than `max_prompt_tokens` x this
     /// is refused before tokenising.
     #[arg(long, default_value_t = dimple_router::validate::DEFAULT_MAX_BYTES_PER_TOKEN, env = "DIMPLE_MAX_BYTES_PER_TOKEN")]
@@ -127,6 +132,10 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         None => ApiKeys::default(),
     };
     let api_keys_reload = api_keys.clone();
+    let http_tls = match (&tls, args.http_tls) {
+        (Some(id), true) => Some(dimple_router::HttpsIdentity::new(id)?),
+        _ => None,
+    };
     let cfg = RouterConfig {
         discovery,
         request_timeout: Duration::from_secs(args.request_timeout_secs),
@@ -158,15 +167,18 @@ pub fn run(args: RouterArgs) -> anyhow::Result<()> {
         let http = match args.http_listen {
             Some(addr) => {
                 let l = serving::bind(addr, "--http-listen").await?;
+                let scheme = if http_tls.is_some() { "https" } else { "http" };
                 eprintln!(
-                    "dimple router: OpenAI-compatible HTTP on http://{}",
+                    "dimple router: OpenAI-compatible HTTP on {scheme}://{}",
                     l.local_addr()?
                 );
-                Some(tokio::spawn(dimple_router::serve_http(
-                    l,
-                    router.http_api(),
-                    shutdown.wait(),
-                )))
+                let api = router.http_api();
+                Some(match http_tls {
+                    Some(id) => {
+                        tokio::spawn(dimple_router::serve_https(l, api, id, shutdown.wait()))
+                    }
+                    None => tokio::spawn(dimple_router::serve_http(l, api, shutdown.wait())),
+                })
             }
             None => None,
         };

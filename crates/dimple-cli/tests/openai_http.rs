@@ -57,8 +57,8 @@ struct Server {
     drain: tokio::sync::oneshot::Sender<()>,
 }
 
-/// What `dimple serve` assembles, on ephemeral ports.
-async fn start() -> Server {
+/// The front-end `dimple serve` assembles: the built-in model in this process, API keys on.
+fn router() -> Router {
     let pre = PreprocessConfig::from_json(dimple_core::builtin::PREPROCESSOR_CONFIG_JSON).unwrap();
     let images = dimple_worker::image_limits(&pre);
     let registry = Registry::new();
@@ -68,13 +68,18 @@ async fn start() -> Server {
         api_keys: ApiKeys::new(vec![KEY.into()]),
         ..RouterConfig::default()
     };
-    let router = Router::with_backend(
+    Router::with_backend(
         PromptBuilder::builtin().unwrap(),
         cfg,
         Arc::new(LocalBackend::new(worker)),
         &registry,
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// What `dimple serve` assembles, on ephemeral ports.
+async fn start() -> Server {
+    let router = router();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (drain, drained) = tokio::sync::oneshot::channel::<()>();
@@ -96,7 +101,18 @@ async fn start() -> Server {
 
 /// One HTTP/1.1 exchange: (status, body).
 async fn http(addr: SocketAddr, method: &str, path: &str, auth: bool, body: &str) -> (u16, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    exchange(s, method, path, auth, body).await
+}
+
+/// One HTTP/1.1 exchange over `s`: (status, body).
+async fn exchange(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    method: &str,
+    path: &str,
+    auth: bool,
+    body: &str,
+) -> (u16, String) {
     let auth = if auth {
         format!("Authorization: Bearer {KEY}\r\n")
     } else {
@@ -359,4 +375,98 @@ async fn the_openai_package_gets_the_grpc_answers() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(http(server.http, "GET", "/health", false, "").await.0, 200);
+}
+
+/// The HTTP API over TLS (`dimple router --http-tls`): the same answers as plain HTTP for a
+/// client that trusts the certificate's CA, keys still checked, no plain-HTTP answer on the
+/// TLS port, and a certificate that does not parse refused before serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_api_over_tls_answers_as_plain_http_does() {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+
+    let fixture = |name: &str| std::fs::read(repo(&format!("tests/fixtures/tls/{name}"))).unwrap();
+    let identity = dimple_router::TlsIdentity {
+        cert_pem: fixture("server.crt"),
+        key_pem: fixture("server.key"),
+    };
+    let junk = dimple_router::TlsIdentity {
+        cert_pem: b"not a certificate".to_vec(),
+        key_pem: fixture("server.key"),
+    };
+    assert!(dimple_router::HttpsIdentity::new(&junk).is_err());
+
+    let router = router();
+    let plain = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tls = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (plain_addr, tls_addr) = (plain.local_addr().unwrap(), tls.local_addr().unwrap());
+    tokio::spawn(dimple_router::serve_http(
+        plain,
+        router.http_api(),
+        std::future::pending(),
+    ));
+    tokio::spawn(dimple_router::serve_https(
+        tls,
+        router.http_api(),
+        dimple_router::HttpsIdentity::new(&identity).unwrap(),
+        std::future::pending(),
+    ));
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(&fixture("ca.crt")).unwrap())
+        .unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let https = |method: &'static str, path: &'static str, auth: bool, body: String| {
+        let connector = connector.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            let s = connector.connect(name, tcp).await.expect("TLS handshake");
+            exchange(s, method, path, auth, &body).await
+        }
+    };
+
+    assert_eq!(https("GET", "/health", false, String::new()).await.0, 200);
+    let chat = json!({
+        "model": "dimple-demo",
+        "messages": [{"role": "user", "content": "What color is the square?"}],
+        "max_tokens": 8,
+        "seed": 1,
+    })
+    .to_string();
+    let (status, over_tls) = https("POST", "/v1/chat/completions", true, chat.clone()).await;
+    assert_eq!(status, 200, "{over_tls}");
+    let (status, over_plain) = http(plain_addr, "POST", "/v1/chat/completions", true, &chat).await;
+    assert_eq!(status, 200, "{over_plain}");
+    let content = |body: &str| {
+        let v: Value = serde_json::from_str(body).unwrap();
+        v["choices"][0]["message"]["content"].clone()
+    };
+    assert!(content(&over_tls).is_string(), "{over_tls}");
+    assert_eq!(content(&over_tls), content(&over_plain));
+    assert_eq!(
+        https("POST", "/v1/chat/completions", false, chat).await.0,
+        401
+    );
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let mut s = tokio::net::TcpStream::connect(tls_addr).await.unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(15), s.read_to_end(&mut buf)).await;
+    assert!(
+        !buf.starts_with(b"HTTP/"),
+        "{:?}",
+        String::from_utf8_lossy(&buf)
+    );
 }

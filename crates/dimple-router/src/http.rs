@@ -90,11 +90,24 @@ pub async fn serve_http(
     api: HttpApi,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
+    serve_on(listener, api, shutdown, "HTTP API serving").await
+}
+
+/// The server of [`serve_http`] on any listener (plain TCP, or TLS connections).
+pub(crate) async fn serve_on<L>(
+    listener: L,
+    api: HttpApi,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    serving: &'static str,
+) -> Result<(), RouterError>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
     let frontend = api.frontend.clone();
     let local = listener
         .local_addr()
         .map_err(|e| RouterError::Setup(format!("HTTP listener address: {e}")))?;
-    tracing::info!(%local, "HTTP API serving");
+    tracing::info!(%local, "{serving}");
     axum::serve(listener, api.routes())
         .with_graceful_shutdown(async move {
             shutdown.await;
