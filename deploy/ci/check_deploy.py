@@ -113,7 +113,7 @@ BASE = dict(
     extra_worker_env_from=[], extra_worker_volume=None, max_pending=None, ingress=None,
     # the OpenAI-compatible HTTP API: its port (None: off), the HTTP Ingress (host, the
     # proxy-read-timeout annotation) and the HTTPRoute's host name
-    http=8080, http_ingress=None, http_route=None,
+    http=8080, http_ingress=None, http_route=None, http_tls=False,
 )
 EXPECT = {
     "default": dict(BASE),
@@ -139,7 +139,7 @@ EXPECT = {
         router_replicas=3, service_monitor=True,
         pdbs={"dimple-router", "dimple-worker", "dimple-etcd"},
         prometheus_rule=True, dashboard=True, ingress=("dimple.example.com", "GRPCS"),
-        http_ingress=("api.dimple.example.com", "600"),
+        http_ingress=("api.dimple.example.com", "600"), http_tls=True,
     ),
     "external-etcd": dict(
         BASE, gpus=2, tp=2, dtype="f16", worker_replicas=3,
@@ -636,7 +636,7 @@ def check_router(docs, exp, allowed):
     names = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
     want = {"grpc": port} | ({"http": exp["http"]} if exp["http"] else {})
     assert names == want, f"public router Service exposes {names}, want {want}: metrics must stay internal"
-    check_router_http(c, svc, flags, exp["http"])
+    check_router_http(c, svc, flags, exp["http"], exp["http_tls"])
     msvc = one(docs, "Service", "dimple-router-metrics")
     assert msvc["spec"]["type"] == "ClusterIP" and [p["port"] for p in msvc["spec"]["ports"]] == [metrics_port]
     health = int(flags["health-listen"].rsplit(":", 1)[1])
@@ -663,10 +663,12 @@ def check_router(docs, exp, allowed):
         assert "api-keys-file" not in flags and not by_kind(docs, "Secret")
 
 
-def check_router_http(c, svc, flags, http):
+def check_router_http(c, svc, flags, http, tls):
     """The OpenAI-compatible HTTP API: `--http-listen` on all addresses at the port of a
-    container port `http`, which the Service's `http` port targets; nothing of it when off."""
+    container port `http`, which the Service's `http` port targets (`--http-tls` and an
+    `https` appProtocol with router.http.tls); nothing of it when off."""
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ("http-tls" in flags) == tls, f"--http-tls given: {'http-tls' in flags}, router.http.tls: {tls}"
     if http is None:
         assert "http-listen" not in flags, f"--http-listen={flags['http-listen']} with router.http off"
         assert "http" not in ports, f"container port http {ports['http']} with router.http off"
@@ -675,7 +677,8 @@ def check_router_http(c, svc, flags, http):
     assert ports.get("http") == http, f"container port http = {ports.get('http')}, want {http}"
     assert len(set(ports.values())) == len(ports), f"router container ports collide: {ports}"
     (sp,) = [p for p in svc["spec"]["ports"] if p["name"] == "http"]
-    assert sp["targetPort"] == "http" and sp.get("appProtocol") == "http", sp
+    want = "https" if tls else "http"
+    assert sp["targetPort"] == "http" and sp.get("appProtocol") == want, sp
 
 
 def check_monitoring_and_exposure(docs, exp):
@@ -746,7 +749,7 @@ def check_http_exposure(docs, exp):
     for ing in ingresses:
         host, read_timeout = exp["http_ingress"]
         notes = ing["metadata"]["annotations"]
-        assert "nginx.ingress.kubernetes.io/backend-protocol" not in notes, notes
+        assert notes.get("nginx.ingress.kubernetes.io/backend-protocol") == ("HTTPS" if exp["http_tls"] else None), notes
         assert notes.get("nginx.ingress.kubernetes.io/proxy-buffering") == "off", notes
         assert notes.get("nginx.ingress.kubernetes.io/proxy-read-timeout") == read_timeout, notes
         assert notes.get("nginx.ingress.kubernetes.io/proxy-body-size") == "67108864", notes
