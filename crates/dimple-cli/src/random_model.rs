@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 use candle_core::DType;
 use dimple_core::builtin;
 use dimple_model::DimpleConfig;
+use dimple_router::prompt::SpecialToken;
 use serde_json::{Value, json};
 
 /// Writes the model directory (created if absent; the listed files are replaced).
@@ -53,19 +54,22 @@ fn tokenizer(cfg: &DimpleConfig) -> anyhow::Result<Value> {
     // Special tokens the configuration places, then the chat markers it does not name at
     // the highest ids left free.
     let mut specials: Vec<(&str, u32)> = vec![
-        ("<|im_end|>", cfg.eos_token_id),
-        ("<|mask|>", cfg.mask_token_id),
-        ("<|image_pad|>", cfg.image_token_id),
+        (SpecialToken::ImEnd.as_str(), cfg.eos_token_id),
+        (SpecialToken::Mask.as_str(), cfg.mask_token_id),
+        (SpecialToken::ImagePad.as_str(), cfg.image_token_id),
         ("<|video_pad|>", cfg.video_token_id),
-        ("<|vision_start|>", cfg.vision_start_token_id),
-        ("<|vision_end|>", cfg.vision_end_token_id),
+        (
+            SpecialToken::VisionStart.as_str(),
+            cfg.vision_start_token_id,
+        ),
+        (SpecialToken::VisionEnd.as_str(), cfg.vision_end_token_id),
         ("<|vision_pad|>", cfg.vision_token_id),
     ];
     if cfg.pad_token_id != cfg.eos_token_id {
-        specials.push(("<|endoftext|>", cfg.pad_token_id));
+        specials.push((SpecialToken::EndOfText.as_str(), cfg.pad_token_id));
     }
     let mut free = (base..size).rev();
-    for marker in ["<|endoftext|>", "<|im_start|>"] {
+    for marker in [SpecialToken::EndOfText, SpecialToken::ImStart].map(SpecialToken::as_str) {
         if specials.iter().any(|(text, _)| *text == marker) {
             continue;
         }

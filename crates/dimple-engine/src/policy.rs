@@ -228,7 +228,7 @@ struct RowStats {
 /// (each term the f32 exponential, summed in order: f64 keeps the sum from adding error
 /// beyond torch's own f32 sum). Two passes: the maxima, then the exponentials in blocks
 /// through the vector kernel. Shared by the whole-row scorer and the vocabulary-sharded one.
-pub(crate) fn single_pass(row: &[f32]) -> (f32, usize, f32, f64) {
+pub(crate) fn row_statistics(row: &[f32]) -> (f32, usize, f32, f64) {
     let mut max = f32::NEG_INFINITY;
     let mut second = f32::NEG_INFINITY;
     let mut argmax = 0;
@@ -258,7 +258,7 @@ pub(crate) fn single_pass(row: &[f32]) -> (f32, usize, f32, f64) {
 
 impl RowStats {
     fn of(row: &[f32]) -> Self {
-        let (max, argmax, second, sum) = single_pass(row);
+        let (max, argmax, second, sum) = row_statistics(row);
         Self {
             max,
             argmax,

@@ -24,7 +24,7 @@ const ENTROPY_EPS: f32 = 1e-10;
 /// The first-exchange statistics of one row slice whose first entry is vocabulary id
 /// `offset`, exactly as the policy's row pass computes them.
 pub(crate) fn slice_stats(row: &[f32], offset: usize) -> [f64; STATS] {
-    let (max, argmax, second, sum) = crate::policy::single_pass(row);
+    let (max, argmax, second, sum) = crate::policy::row_statistics(row);
     [
         f64::from(max),
         (offset + argmax) as f64,

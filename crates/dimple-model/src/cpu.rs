@@ -314,12 +314,24 @@ pub(crate) fn silu_mul(gu: &[f32], inter: usize, out: &mut [f32]) {
         });
 }
 
+/// Whether the processor has AVX-512F (the panel products' and the exponential's kernels).
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// `x = e^x` for every value, rounded to the nearest f32 (computed in f64: the result is
 /// the correctly rounded one except, rarely, a value within 2^-30 of a tie). Sixteen
 /// values at a time where the processor has AVX-512; `f32::exp` elsewhere.
 pub fn exp_in_place(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if PanelMatrix::supported() {
+    if avx512() {
         // SAFETY: AVX-512F is available (checked just above).
         unsafe { exp_avx512(xs) };
         return;
@@ -654,14 +666,7 @@ impl PanelMatrix {
     }
 
     pub fn supported() -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
+        avx512()
     }
 
     /// Inner dimension (rows of the weight).

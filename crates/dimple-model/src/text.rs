@@ -510,7 +510,7 @@ impl TextModel {
     /// column panels where the processor has the kernels for them; the tensor-op path
     /// holds them as tensors (the layers are repacked, not copied).
     pub fn set_host_kernels(&mut self, on: bool) -> Result<()> {
-        let host = on && self.device.is_cpu() && self.dtype == DType::F32;
+        let host = on && self.host_capable();
         for linear in self.linears_mut() {
             if host {
                 linear.pack_for_host()?;
@@ -525,7 +525,12 @@ impl TextModel {
     /// Whether passes run on the host kernels (CPU, f32, not switched off): their logits
     /// are host memory. Otherwise they run on the tensor-op path and stay on the device.
     pub fn runs_host_kernels(&self) -> bool {
-        self.device.is_cpu() && self.dtype == DType::F32 && self.host_kernels
+        self.host_capable() && self.host_kernels
+    }
+
+    /// The host kernels exist for this model's device and dtype (CPU, f32).
+    fn host_capable(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32
     }
 
     /// Every linear layer of the decoder, `lm_head` included.

@@ -201,7 +201,7 @@ impl Linear {
         let LinearWeight::Transposed(t) = &self.weight else {
             return Ok(true);
         };
-        if !t.device().is_cpu() || t.dtype() != DType::F32 || !cpu::PanelMatrix::supported() {
+        if !t.device().is_cpu() || t.dtype() != DType::F32 {
             return Ok(false);
         }
         let (k, n) = t.dims2()?;
